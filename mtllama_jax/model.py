@@ -1,0 +1,471 @@
+"""The LLaMA decoder in Flax linen: LLaMA-1, LLaMA-2 (grouped-query) and LLaMA-3.
+
+One readable file, in the layout of Hugging Face's `LlamaForCausalLM` so its
+weights map one to one (see `mtllama_jax.convert.hf_params`):
+
+    embed/embedding                          [vocab, embed]
+    layers/attention_norm/scale              [layers, embed]
+    layers/attention/{q,k,v}_proj/kernel     [layers, embed, heads|kv_heads, head_dim]
+    layers/attention/o_proj/kernel           [layers, heads, head_dim, embed]
+    layers/mlp_norm/scale                    [layers, embed]
+    layers/mlp/{gate,up}_proj/kernel         [layers, embed, mlp]
+    layers/mlp/down_proj/kernel              [layers, mlp, embed]
+    final_norm/scale                         [embed]
+    lm_head/kernel                           [embed, vocab]   (absent when tied)
+
+Every parameter is boxed with its logical axis names (the names in brackets
+above); `mtllama_jax.partitioning` maps them onto a device mesh. Layers are
+stacked with `nn.scan`, so compile time does not grow with depth.
+
+Packed rows carry `segment_ids` (1, 2, ... per example, 0 for padding) and
+`positions` that restart at 0 in each segment: a token attends only to earlier
+tokens of its own segment, and rotary embeddings see per-segment positions.
+
+Decoding keeps a KV cache in the `cache` collection (`decode=True`): each call
+writes its tokens at `cache_index` and attends to earlier slots of the same
+segment, so left padding is simply segment 0. `init_cache` builds an empty one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+ATTENTION_BACKENDS = ("xla", "cudnn", "pallas")
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+
+# Hugging Face config.json fields every LLaMA config must state.
+_REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
+                                              "num_hidden_layers", "num_attention_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics of a LLaMA model.
+
+    The architecture fields mirror Hugging Face's `config.json`; `dtype`
+    (activations), `param_dtype` (stored weights), `attention` (backend),
+    `remat` (rematerialisation policy by name) are this project's own.
+    """
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        def fail(field, value, fix):
+            raise ValueError(f"LlamaConfig.{field}={value!r}: {fix}")
+        if self.num_heads % self.num_kv_heads:
+            fail("num_kv_heads", self.num_kv_heads,
+                      f"num_heads ({self.num_heads}) must be a multiple of it")
+        if self.attention not in ATTENTION_BACKENDS:
+            fail("attention", self.attention, f"choose one of {ATTENTION_BACKENDS}")
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", self.remat, f"choose one of {tuple(REMAT_POLICIES)}")
+        for field in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, field))
+            except TypeError:
+                fail(field, getattr(self, field), "use a dtype name such as 'bfloat16' or 'float32'")
+        _rope_type(self.rope_scaling)  # validates
+
+    def __hash__(self):
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embeddings and LM head included)."""
+        e, m, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * e * m + 2 * e
+        head = 0 if self.tie_word_embeddings else e * self.vocab_size
+        return self.num_layers * layer + self.vocab_size * e + e + head
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """A config small enough for CPU tests and the demo."""
+        base = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
+                                num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                                dtype="float32")
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "LlamaConfig":
+        """Reads a Hugging Face LLaMA `config.json` (a path, its folder, or the dict).
+
+        Accepts both the `rope_theta`/`rope_scaling` keys of transformers 4 and the
+        `rope_parameters` key of transformers 5. `overrides` set this project's
+        own fields (dtype, attention, ...).
+        """
+        source = "config dict"
+        if isinstance(path_or_dict, Mapping):
+            hf = dict(path_or_dict)
+        else:
+            source = os.fspath(path_or_dict)
+            if os.path.isdir(source):
+                source = os.path.join(source, "config.json")
+            with open(source) as f:
+                hf = json.load(f)
+        missing = [k for k in _REQUIRED_HF_FIELDS if k not in hf]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}; a LLaMA config.json states "
+                                              f"all of {list(_REQUIRED_HF_FIELDS)}")
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{source}: model_type={model_type!r}, expected 'llama'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; LLaMA uses 'silu'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not a LLaMA layout (no biases)")
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = hf.get("rope_scaling") or {}
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        if not rope:
+            rope = dict(legacy)
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        try:
+            _rope_type(scaling)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        heads = int(hf["num_attention_heads"])
+        fields = dict(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=_single_id(hf.get("bos_token_id", 1)),
+                eos_token_id=_single_id(hf.get("eos_token_id", 2)),
+                pad_token_id=hf.get("pad_token_id"),
+                initializer_range=float(hf.get("initializer_range", 0.02)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` dict (both rope spellings, for old and new loaders)."""
+        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope_parameters.update(self.rope_scaling)
+        return {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "rope_theta": self.rope_theta,
+                "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+                "rope_parameters": rope_parameters,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id,
+                "initializer_range": self.initializer_range,
+                "hidden_act": "silu",
+                "attention_bias": False,
+                "mlp_bias": False,
+                "torch_dtype": self.param_dtype,
+        }
+
+
+def _single_id(value):
+    """LLaMA-3 configs may list several EOS ids; the first is the canonical one."""
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _rope_type(scaling: Mapping[str, Any] | None) -> str:
+    if not scaling:
+        return "default"
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+    needed = {"linear": ("factor",),
+                        "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings")}.get(rope_type, ())
+    missing = [k for k in needed if k not in scaling]
+    if missing:
+        raise ValueError(f"rope scaling {rope_type!r} needs field(s) {missing}")
+    return rope_type
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Per-pair rotary frequencies, with linear or LLaMA-3.1 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    rope_type = _rope_type(config.rope_scaling)
+    s = config.rope_scaling
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(s["factor"])
+    elif rope_type == "llama3":
+        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rotary_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of shape [batch, length, head_dim] for the given positions (fp32)."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [batch, length, heads, head_dim] in Hugging Face's rotate-half layout."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_offset=0):
+    """[batch, q_len, kv_len] bool: same segment and not in the future (by slot index)."""
+    q_index = q_offset + jnp.arange(q_segment_ids.shape[1])
+    kv_index = jnp.arange(kv_segment_ids.shape[1])
+    causal = kv_index[None, :] <= q_index[:, None]
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return causal[None] & same
+
+
+def xla_attention(q, k, v, mask, sm_scale):
+    """Plain-JAX attention with grouped KV heads; softmax in fp32.
+
+    q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, t, s] bool.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * sm_scale
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.reshape(b, t, h, d)
+
+
+def _logical_init(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, as LLaMA does."""
+    config: LlamaConfig
+    axis_name: tuple = ("embed",)
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        scale = self.param("scale", _logical_init(nn.initializers.ones, self.axis_name),
+                                              (x.shape[-1],), jnp.dtype(c.param_dtype))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + c.rms_norm_eps)
+        return (scale.astype(jnp.float32) * xf).astype(jnp.dtype(c.dtype))
+
+
+class Projection(nn.Module):
+    """A bias-free dense map over named axes: `kernel` has shape in_shape + out_shape."""
+    config: LlamaConfig
+    in_axes: tuple[str, ...]
+    out_shape: tuple[int, ...]
+    out_axes: tuple[str, ...]
+    out_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        n_in = len(self.in_axes)
+        in_shape = x.shape[-n_in:]
+        init = nn.initializers.normal(stddev=c.initializer_range)
+        kernel = self.param("kernel", _logical_init(init, self.in_axes + self.out_axes),
+                                                tuple(in_shape) + tuple(self.out_shape), jnp.dtype(c.param_dtype))
+        dtype = jnp.dtype(c.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
+                                                              preferred_element_type=self.out_dtype or dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, rotary positions, segment masks."""
+    config: LlamaConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        c = self.config
+        heads = ("batch", "length", "heads", "head_dim")
+        kv_heads = ("batch", "length", "kv_heads", "head_dim")
+        q = Projection(c, ("embed",), (c.num_heads, c.head_dim), ("heads", "head_dim"), name="q_proj")(x)
+        k = Projection(c, ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="k_proj")(x)
+        v = Projection(c, ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="v_proj")(x)
+        q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), heads)
+        k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), kv_heads)
+        v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), kv_heads)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        sm_scale = 1.0 / math.sqrt(c.head_dim)
+
+        if self.decode:
+            out = self._cached_attention(q, k, v, segment_ids, sm_scale)
+        elif c.attention == "pallas":
+            from mtllama_jax import kernels  # imported lazily: only this backend needs it
+            out = kernels.flash_attention(q, k, v, segment_ids=segment_ids, causal=True, sm_scale=sm_scale)
+        elif c.attention == "cudnn":
+            mask = attention_mask(segment_ids, segment_ids)[:, None]
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, implementation="cudnn")
+        else:
+            out = xla_attention(q, k, v, attention_mask(segment_ids, segment_ids), sm_scale)
+        out = nn.with_logical_constraint(out, heads)
+        return Projection(c, ("heads", "head_dim"), (c.hidden_size,), ("embed",), name="o_proj")(out)
+
+    def _cached_attention(self, q, k, v, segment_ids, sm_scale):
+        """Writes k/v at `cache_index` and attends over the whole cache."""
+        batch, length = segment_ids.shape
+        initialising = not self.has_variable("cache", "cached_key")
+        kv_axes = ("batch", "length", "kv_heads", "head_dim")
+        cached_key = self.variable("cache", "cached_key", _logical_init(jnp.zeros, kv_axes), k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", _logical_init(jnp.zeros, kv_axes), v.shape, v.dtype)
+        cached_segments = self.variable("cache", "cached_segment_ids",
+                                                                        _logical_init(jnp.zeros, ("batch", "length")),
+                                                                        (batch, length), jnp.int32)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if initialising:  # shapes only: the cache spans the length init was called with
+            return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids), sm_scale)
+        index = cache_index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
+        cached_segments.value = jax.lax.dynamic_update_slice(
+                cached_segments.value, segment_ids.astype(jnp.int32), (0, index))
+        cache_index.value = index + length
+        mask = attention_mask(segment_ids, cached_segments.value, q_offset=index)
+        return xla_attention(q, cached_key.value, cached_value.value, mask, sm_scale)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = Projection(c, ("embed",), (c.intermediate_size,), ("mlp",), name="gate_proj")(x)
+        up = Projection(c, ("embed",), (c.intermediate_size,), ("mlp",), name="up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return Projection(c, ("mlp",), (c.hidden_size,), ("embed",), name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residuals; scanned over depth."""
+    config: LlamaConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        c = self.config
+        residual_axes = ("batch", "length", "embed")
+        h = Attention(c, self.decode, name="attention")(
+                RMSNorm(c, name="attention_norm")(x), cos, sin, segment_ids)
+        x = nn.with_logical_constraint(x + h, residual_axes)
+        h = MLP(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x + h, residual_axes)
+        return x, None
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA with its LM head; `__call__` returns fp32 logits [batch, length, vocab]."""
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, decode: bool = False):
+        c = self.config
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        init = nn.initializers.normal(stddev=c.initializer_range)
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
+                                          param_dtype=jnp.dtype(c.param_dtype),
+                                          embedding_init=_logical_init(init, ("vocab", "embed")), name="embed")
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        cos, sin = rotary_tables(c, positions)
+
+        layer = DecoderLayer
+        policy = REMAT_POLICIES[c.remat]
+        if c.remat != "none":
+            layer = nn.remat(layer, policy=policy, prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
+                                        split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3,
+                                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(c, decode, name="layers")(x, cos, sin, segment_ids)
+        x = RMSNorm(c, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("ble,ve->blv", x, embed.embedding.astype(x.dtype),
+                                                    preferred_element_type=jnp.float32)
+        else:
+            logits = Projection(c, ("embed",), (c.vocab_size,), ("vocab",), out_dtype=jnp.float32,
+                                                    name="lm_head")(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int):
+    """An empty KV cache for `batch` rows of up to `max_length` slots (no params built)."""
+    model = LlamaForCausalLM(config)
+    tokens = jnp.zeros((batch, max_length), jnp.int32)
+    shapes = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), tokens, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
