@@ -1,0 +1,135 @@
+"""Device meshes, logical axis rules, and the shardings built from them.
+
+The model names every parameter and key activation axis logically (`batch`,
+`length`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`);
+this module alone decides how those names map onto the mesh axes `data`,
+`fsdp` and `tensor`. A rule maps a logical name to mesh axes; earlier rules win,
+and a mesh axis is used once per array, so activations [batch, length, embed]
+put `fsdp` on batch while weights [embed, mlp] put it on embed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("batch", "length")
+
+_BATCH_RULE = ("batch", ("data", "fsdp"))
+RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
+    # Pure data parallelism: weights replicated, batch split over every device.
+    "data": (_BATCH_RULE,),
+    # ZeRO-3 style: weights split along `embed` over `fsdp`, gathered per layer.
+    "fsdp": (_BATCH_RULE, ("embed", "fsdp")),
+    # FSDP plus Megatron-style tensor parallelism over heads, MLP and vocabulary.
+    "fsdp_tp": (_BATCH_RULE, ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+                ("vocab", "tensor"), ("embed", "fsdp")),
+}
+
+
+def logical_axis_rules(name: str = "fsdp_tp") -> tuple[tuple[str, Any], ...]:
+    """The named rule set; `fsdp_tp` degrades gracefully on meshes with size-1 axes."""
+    if name not in RULE_SETS:
+        raise ValueError(f"unknown logical axis rules {name!r}; choose one of {tuple(RULE_SETS)}")
+    return RULE_SETS[name]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (all by default); one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}): "
+                         "at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise ValueError(f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}) do not "
+                             f"divide the {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh sizes (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) "
+                         f"multiply to {math.prod(sizes)}, but there are {len(devices)} devices; "
+                         "set one size to -1 to use the rest")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_sharding(mesh: Mesh, rules, logical_axes: Sequence[str | None]) -> NamedSharding:
+    """The NamedSharding of an array whose axes carry these logical names."""
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+    return NamedSharding(mesh, spec)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of every [batch, length] array of a training batch."""
+    return logical_sharding(mesh, rules, BATCH_AXES)
+
+
+def abstract_params(config: LlamaConfig, batch: int = 1, length: int = 8):
+    """Shapes, dtypes and logical axes (boxed) of the params; builds nothing."""
+    model = LlamaForCausalLM(config)
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.key(0))
+
+
+def param_shardings(config: LlamaConfig, mesh: Mesh, rules):
+    """NamedShardings of the (unboxed) param tree under these rules."""
+    specs = nn.get_partition_spec(abstract_params(config))
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def init_params(config: LlamaConfig, mesh: Mesh, rules, rng: jax.Array):
+    """Random params created directly in their sharded layout (no full copy on any device)."""
+    model = LlamaForCausalLM(config)
+    shardings = param_shardings(config, mesh, rules)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+
+    def init(rng):
+        return nn.unbox(model.init(rng, tokens)["params"])
+
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def tree_shardings_like_params(abstract_tree, params_shardings, abstract_param_tree, mesh: Mesh):
+    """Shardings for a tree that embeds param-shaped leaves (optimizer state, say).
+
+    A leaf whose key path ends with a param's path and has that param's shape
+    takes the param's sharding; every other leaf (step counts, scalars) is
+    replicated.
+    """
+    shapes = {_path_names(p): leaf.shape
+              for p, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_param_tree))[0]}
+    by_path = {_path_names(p): s
+               for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        names = _path_names(path)
+        for start in range(len(names)):
+            suffix = names[start:]
+            if suffix in by_path and shapes[suffix] == getattr(leaf, "shape", None):
+                return by_path[suffix]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """('mu', 'layers', 'mlp', ...) from a jax key path of dict keys, attributes or indices."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+    return tuple(names)
