@@ -5,6 +5,7 @@ depth; the ratio should stay near 1 (goal <= 1.5x). Prints one table.
 
     .venv/bin/python benchmarks/bench_compile.py [--hidden 256] [--repeats 3]
 """
+
 import argparse
 import os
 import platform
@@ -41,18 +42,27 @@ def main():
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    base = LlamaConfig.tiny(hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                            num_heads=8, num_kv_heads=4, head_dim=args.hidden // 8,
-                            vocab_size=1024)
+    base = LlamaConfig.tiny(
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=args.hidden // 8,
+        vocab_size=1024,
+    )
     times = {}
     for layers in (2, 32):
         config = base.replace(num_layers=layers)
         # Each repeat uses a fresh config hash so nothing is served from a cache.
-        samples = [compile_seconds(config.replace(rms_norm_eps=1e-6 + i * 1e-9), 2, args.length)
-                   for i in range(args.repeats)]
+        samples = [
+            compile_seconds(config.replace(rms_norm_eps=1e-6 + i * 1e-9), 2, args.length)
+            for i in range(args.repeats)
+        ]
         times[layers] = float(np.median(samples))
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"backend {jax.default_backend()}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"backend {jax.default_backend()}"
+    )
     print("| layers | compile s (median of %d) |" % args.repeats)
     print("|---|---|")
     for layers, seconds in times.items():

@@ -9,6 +9,7 @@ time so converters can stream: read one HF tensor, write one slice.
 Rotary embeddings use HF's rotate-half layout in both, so q/k need no
 permutation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,10 @@ IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv
 @dataclasses.dataclass(frozen=True)
 class TensorMapping:
     """Where one HF tensor lives in the param tree, and how its layout changes."""
+
     hf_name: str
     param_path: ParamPath
-    layer: int | None          # index on the stacked `layers` axis, or None
+    layer: int | None  # index on the stacked `layers` axis, or None
     hf_shape: tuple[int, ...]
     param_shape: tuple[int, ...]  # shape of this tensor's slice in the param tree
     to_param: Callable[[np.ndarray], np.ndarray]
@@ -41,9 +43,12 @@ def _linear(in_shape, out_shape):
     """An HF [out, in] weight <-> a kernel of shape in_shape + out_shape."""
     n_in = int(np.prod(in_shape))
     n_out = int(np.prod(out_shape))
-    return ((n_out, n_in), tuple(in_shape) + tuple(out_shape),
-                    lambda w: w.T.reshape(tuple(in_shape) + tuple(out_shape)),
-                    lambda k: k.reshape(n_in, n_out).T)
+    return (
+        (n_out, n_in),
+        tuple(in_shape) + tuple(out_shape),
+        lambda w: w.T.reshape(tuple(in_shape) + tuple(out_shape)),
+        lambda k: k.reshape(n_in, n_out).T,
+    )
 
 
 def _identity(shape):
@@ -55,26 +60,38 @@ def tensor_mappings(config: LlamaConfig) -> list[TensorMapping]:
     e, m, d = config.hidden_size, config.intermediate_size, config.head_dim
     h, kv = config.num_heads, config.num_kv_heads
     per_layer = {
-            "input_layernorm.weight": (("attention_norm", "scale"), _identity((e,))),
-            "self_attn.q_proj.weight": (("attention", "q_proj", "kernel"), _linear((e,), (h, d))),
-            "self_attn.k_proj.weight": (("attention", "k_proj", "kernel"), _linear((e,), (kv, d))),
-            "self_attn.v_proj.weight": (("attention", "v_proj", "kernel"), _linear((e,), (kv, d))),
-            "self_attn.o_proj.weight": (("attention", "o_proj", "kernel"), _linear((h, d), (e,))),
-            "post_attention_layernorm.weight": (("mlp_norm", "scale"), _identity((e,))),
-            "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), _linear((e,), (m,))),
-            "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), _linear((e,), (m,))),
-            "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), _linear((m,), (e,))),
+        "input_layernorm.weight": (("attention_norm", "scale"), _identity((e,))),
+        "self_attn.q_proj.weight": (("attention", "q_proj", "kernel"), _linear((e,), (h, d))),
+        "self_attn.k_proj.weight": (("attention", "k_proj", "kernel"), _linear((e,), (kv, d))),
+        "self_attn.v_proj.weight": (("attention", "v_proj", "kernel"), _linear((e,), (kv, d))),
+        "self_attn.o_proj.weight": (("attention", "o_proj", "kernel"), _linear((h, d), (e,))),
+        "post_attention_layernorm.weight": (("mlp_norm", "scale"), _identity((e,))),
+        "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), _linear((e,), (m,))),
+        "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), _linear((e,), (m,))),
+        "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), _linear((m,), (e,))),
     }
-    mappings = [TensorMapping("model.embed_tokens.weight", ("embed", "embedding"), None,
-                                                        *_identity((config.vocab_size, e)))]
+    mappings = [
+        TensorMapping(
+            "model.embed_tokens.weight",
+            ("embed", "embedding"),
+            None,
+            *_identity((config.vocab_size, e)),
+        )
+    ]
     for i in range(config.num_layers):
         for suffix, (path, layout) in per_layer.items():
-            mappings.append(TensorMapping(f"model.layers.{i}.{suffix}", ("layers",) + path, i, *layout))
-    mappings.append(TensorMapping("model.norm.weight", ("final_norm", "scale"), None,
-                                                                *_identity((e,))))
+            mappings.append(
+                TensorMapping(f"model.layers.{i}.{suffix}", ("layers",) + path, i, *layout)
+            )
+    mappings.append(
+        TensorMapping("model.norm.weight", ("final_norm", "scale"), None, *_identity((e,)))
+    )
     if not config.tie_word_embeddings:
-        mappings.append(TensorMapping("lm_head.weight", ("lm_head", "kernel"), None,
-                                                                    *_linear((e,), (config.vocab_size,))))
+        mappings.append(
+            TensorMapping(
+                "lm_head.weight", ("lm_head", "kernel"), None, *_linear((e,), (config.vocab_size,))
+            )
+        )
     return mappings
 
 
@@ -100,20 +117,27 @@ def check_hf_names(names, config: LlamaConfig, source: str = "checkpoint") -> No
         if missing:
             parts.append(f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
-            parts.append(f"unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        raise ValueError(f"{source}: {'; '.join(parts)} for a LLaMA of {config.num_layers} layers "
-                                          f"(tie_word_embeddings={config.tie_word_embeddings}); check that config.json "
-                                          "matches the weights")
+            parts.append(
+                f"unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+            )
+        raise ValueError(
+            f"{source}: {'; '.join(parts)} for a LLaMA of {config.num_layers} layers "
+            f"(tie_word_embeddings={config.tie_word_embeddings}); check that config.json "
+            "matches the weights"
+        )
 
 
 def check_hf_shape(mapping: TensorMapping, shape, source: str = "checkpoint") -> None:
     if tuple(shape) != mapping.hf_shape:
-        raise ValueError(f"{source}: tensor {mapping.hf_name} has shape {tuple(shape)} but "
-                                          f"config.json implies {mapping.hf_shape}")
+        raise ValueError(
+            f"{source}: tensor {mapping.hf_name} has shape {tuple(shape)} but "
+            f"config.json implies {mapping.hf_shape}"
+        )
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], config: LlamaConfig,
-                                  source: str = "checkpoint") -> dict:
+def hf_to_params(
+    tensors: Mapping[str, np.ndarray], config: LlamaConfig, source: str = "checkpoint"
+) -> dict:
     """Builds the nested param tree (numpy) from a mapping of HF tensors."""
     check_hf_names(tensors.keys(), config, source)
     flat: dict[ParamPath, np.ndarray] = {}

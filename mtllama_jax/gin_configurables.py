@@ -3,6 +3,7 @@
 Library code never imports gin; entry points (`mtllama-train`, `mtllama-eval`,
 ...) import this module so that `gin/models/*.gin` can bind `LlamaConfig.*`.
 """
+
 import pathlib
 
 import gin

@@ -25,6 +25,7 @@ Decoding keeps a KV cache in the `cache` collection (`decode=True`): each call
 writes its tokens at `cache_index` and attends to earlier slots of the same
 segment, so left padding is simply segment 0. `init_cache` builds an empty one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,16 +43,23 @@ from jax.ad_checkpoint import checkpoint_name
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = {
-        "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj"
+    ),
 }
 
 # Hugging Face config.json fields every LLaMA config must state.
-_REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
-                                              "num_hidden_layers", "num_attention_heads")
+_REQUIRED_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,7 @@ class LlamaConfig:
     (activations), `param_dtype` (stored weights), `attention` (backend),
     `remat` (rematerialisation policy by name) are this project's own.
     """
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -86,9 +95,13 @@ class LlamaConfig:
     def __post_init__(self):
         def fail(field, value, fix):
             raise ValueError(f"LlamaConfig.{field}={value!r}: {fix}")
+
         if self.num_heads % self.num_kv_heads:
-            fail("num_kv_heads", self.num_kv_heads,
-                      f"num_heads ({self.num_heads}) must be a multiple of it")
+            fail(
+                "num_kv_heads",
+                self.num_kv_heads,
+                f"num_heads ({self.num_heads}) must be a multiple of it",
+            )
         if self.attention not in ATTENTION_BACKENDS:
             fail("attention", self.attention, f"choose one of {ATTENTION_BACKENDS}")
         if self.remat not in REMAT_POLICIES:
@@ -97,7 +110,9 @@ class LlamaConfig:
             try:
                 jnp.dtype(getattr(self, field))
             except TypeError:
-                fail(field, getattr(self, field), "use a dtype name such as 'bfloat16' or 'float32'")
+                fail(
+                    field, getattr(self, field), "use a dtype name such as 'bfloat16' or 'float32'"
+                )
         _rope_type(self.rope_scaling)  # validates
 
     def __hash__(self):
@@ -118,14 +133,24 @@ class LlamaConfig:
     @classmethod
     def tiny(cls, **overrides) -> "LlamaConfig":
         """A config small enough for CPU tests and the demo."""
-        base = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2,
-                                num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                                dtype="float32")
+        base = dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=192,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            dtype="float32",
+        )
         base.update(overrides)
         return cls(**base)
 
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "LlamaConfig":
+    def from_hf(
+        cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
+    ) -> "LlamaConfig":
         """Reads a Hugging Face LLaMA `config.json` (a path, its folder, or the dict).
 
         Accepts both the `rope_theta`/`rope_scaling` keys of transformers 4 and the
@@ -143,8 +168,10 @@ class LlamaConfig:
                 hf = json.load(f)
         missing = [k for k in _REQUIRED_HF_FIELDS if k not in hf]
         if missing:
-            raise ValueError(f"{source}: missing field(s) {missing}; a LLaMA config.json states "
-                                              f"all of {list(_REQUIRED_HF_FIELDS)}")
+            raise ValueError(
+                f"{source}: missing field(s) {missing}; a LLaMA config.json states "
+                f"all of {list(_REQUIRED_HF_FIELDS)}"
+            )
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"{source}: model_type={model_type!r}, expected 'llama'")
@@ -166,22 +193,22 @@ class LlamaConfig:
             raise ValueError(f"{source}: {e}") from None
         heads = int(hf["num_attention_heads"])
         fields = dict(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=int(hf["hidden_size"]),
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                bos_token_id=_single_id(hf.get("bos_token_id", 1)),
-                eos_token_id=_single_id(hf.get("eos_token_id", 2)),
-                pad_token_id=hf.get("pad_token_id"),
-                initializer_range=float(hf.get("initializer_range", 0.02)),
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=_single_id(hf.get("bos_token_id", 1)),
+            eos_token_id=_single_id(hf.get("eos_token_id", 2)),
+            pad_token_id=hf.get("pad_token_id"),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -192,29 +219,29 @@ class LlamaConfig:
         if self.rope_scaling:
             rope_parameters.update(self.rope_scaling)
         return {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim,
-                "max_position_embeddings": self.max_position_embeddings,
-                "rms_norm_eps": self.rms_norm_eps,
-                "rope_theta": self.rope_theta,
-                "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-                "rope_parameters": rope_parameters,
-                "tie_word_embeddings": self.tie_word_embeddings,
-                "bos_token_id": self.bos_token_id,
-                "eos_token_id": self.eos_token_id,
-                "pad_token_id": self.pad_token_id,
-                "initializer_range": self.initializer_range,
-                "hidden_act": "silu",
-                "attention_bias": False,
-                "mlp_bias": False,
-                "torch_dtype": self.param_dtype,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope_parameters,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": self.param_dtype,
         }
 
 
@@ -228,10 +255,18 @@ def _rope_type(scaling: Mapping[str, Any] | None) -> str:
         return "default"
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
-    needed = {"linear": ("factor",),
-                        "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                              "original_max_position_embeddings")}.get(rope_type, ())
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}"
+        )
+    needed = {
+        "linear": ("factor",),
+        "llama3": (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ),
+    }.get(rope_type, ())
     missing = [k for k in needed if k not in scaling]
     if missing:
         raise ValueError(f"rope scaling {rope_type!r} needs field(s) {missing}")
@@ -247,7 +282,11 @@ def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     if rope_type == "linear":
         inv_freq = inv_freq / float(s["factor"])
     elif rope_type == "llama3":
-        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        factor, low, high = (
+            float(s["factor"]),
+            float(s["low_freq_factor"]),
+            float(s["high_freq_factor"]),
+        )
         old_len = float(s["original_max_position_embeddings"])
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -305,14 +344,19 @@ def _logical_init(init, names):
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, as LLaMA does."""
+
     config: LlamaConfig
     axis_name: tuple = ("embed",)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        scale = self.param("scale", _logical_init(nn.initializers.ones, self.axis_name),
-                                              (x.shape[-1],), jnp.dtype(c.param_dtype))
+        scale = self.param(
+            "scale",
+            _logical_init(nn.initializers.ones, self.axis_name),
+            (x.shape[-1],),
+            jnp.dtype(c.param_dtype),
+        )
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + c.rms_norm_eps)
         return (scale.astype(jnp.float32) * xf).astype(jnp.dtype(c.dtype))
@@ -320,6 +364,7 @@ class RMSNorm(nn.Module):
 
 class Projection(nn.Module):
     """A bias-free dense map over named axes: `kernel` has shape in_shape + out_shape."""
+
     config: LlamaConfig
     in_axes: tuple[str, ...]
     out_shape: tuple[int, ...]
@@ -332,16 +377,25 @@ class Projection(nn.Module):
         n_in = len(self.in_axes)
         in_shape = x.shape[-n_in:]
         init = nn.initializers.normal(stddev=c.initializer_range)
-        kernel = self.param("kernel", _logical_init(init, self.in_axes + self.out_axes),
-                                                tuple(in_shape) + tuple(self.out_shape), jnp.dtype(c.param_dtype))
+        kernel = self.param(
+            "kernel",
+            _logical_init(init, self.in_axes + self.out_axes),
+            tuple(in_shape) + tuple(self.out_shape),
+            jnp.dtype(c.param_dtype),
+        )
         dtype = jnp.dtype(c.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
-                                                              preferred_element_type=self.out_dtype or dtype)
+        return jax.lax.dot_general(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            (contract, ((), ())),
+            preferred_element_type=self.out_dtype or dtype,
+        )
 
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, rotary positions, segment masks."""
+
     config: LlamaConfig
     decode: bool = False
 
@@ -350,9 +404,15 @@ class Attention(nn.Module):
         c = self.config
         heads = ("batch", "length", "heads", "head_dim")
         kv_heads = ("batch", "length", "kv_heads", "head_dim")
-        q = Projection(c, ("embed",), (c.num_heads, c.head_dim), ("heads", "head_dim"), name="q_proj")(x)
-        k = Projection(c, ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="k_proj")(x)
-        v = Projection(c, ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="v_proj")(x)
+        q = Projection(
+            c, ("embed",), (c.num_heads, c.head_dim), ("heads", "head_dim"), name="q_proj"
+        )(x)
+        k = Projection(
+            c, ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="k_proj"
+        )(x)
+        v = Projection(
+            c, ("embed",), (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="v_proj"
+        )(x)
         q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), heads)
         k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), kv_heads)
         v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), kv_heads)
@@ -363,25 +423,40 @@ class Attention(nn.Module):
             out = self._cached_attention(q, k, v, segment_ids, sm_scale)
         elif c.attention == "pallas":
             from mtllama_jax import kernels  # imported lazily: only this backend needs it
-            out = kernels.flash_attention(q, k, v, segment_ids=segment_ids, causal=True, sm_scale=sm_scale)
+
+            out = kernels.flash_attention(
+                q, k, v, segment_ids=segment_ids, causal=True, sm_scale=sm_scale
+            )
         elif c.attention == "cudnn":
             mask = attention_mask(segment_ids, segment_ids)[:, None]
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, implementation="cudnn")
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=sm_scale, implementation="cudnn"
+            )
         else:
             out = xla_attention(q, k, v, attention_mask(segment_ids, segment_ids), sm_scale)
         out = nn.with_logical_constraint(out, heads)
-        return Projection(c, ("heads", "head_dim"), (c.hidden_size,), ("embed",), name="o_proj")(out)
+        return Projection(c, ("heads", "head_dim"), (c.hidden_size,), ("embed",), name="o_proj")(
+            out
+        )
 
     def _cached_attention(self, q, k, v, segment_ids, sm_scale):
         """Writes k/v at `cache_index` and attends over the whole cache."""
         batch, length = segment_ids.shape
         initialising = not self.has_variable("cache", "cached_key")
         kv_axes = ("batch", "length", "kv_heads", "head_dim")
-        cached_key = self.variable("cache", "cached_key", _logical_init(jnp.zeros, kv_axes), k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", _logical_init(jnp.zeros, kv_axes), v.shape, v.dtype)
-        cached_segments = self.variable("cache", "cached_segment_ids",
-                                                                        _logical_init(jnp.zeros, ("batch", "length")),
-                                                                        (batch, length), jnp.int32)
+        cached_key = self.variable(
+            "cache", "cached_key", _logical_init(jnp.zeros, kv_axes), k.shape, k.dtype
+        )
+        cached_value = self.variable(
+            "cache", "cached_value", _logical_init(jnp.zeros, kv_axes), v.shape, v.dtype
+        )
+        cached_segments = self.variable(
+            "cache",
+            "cached_segment_ids",
+            _logical_init(jnp.zeros, ("batch", "length")),
+            (batch, length),
+            jnp.int32,
+        )
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if initialising:  # shapes only: the cache spans the length init was called with
             return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids), sm_scale)
@@ -389,7 +464,8 @@ class Attention(nn.Module):
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
         cached_segments.value = jax.lax.dynamic_update_slice(
-                cached_segments.value, segment_ids.astype(jnp.int32), (0, index))
+            cached_segments.value, segment_ids.astype(jnp.int32), (0, index)
+        )
         cache_index.value = index + length
         mask = attention_mask(segment_ids, cached_segments.value, q_offset=index)
         return xla_attention(q, cached_key.value, cached_value.value, mask, sm_scale)
@@ -397,6 +473,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
     config: LlamaConfig
 
     @nn.compact
@@ -410,6 +487,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residuals; scanned over depth."""
+
     config: LlamaConfig
     decode: bool = False
 
@@ -418,7 +496,8 @@ class DecoderLayer(nn.Module):
         c = self.config
         residual_axes = ("batch", "length", "embed")
         h = Attention(c, self.decode, name="attention")(
-                RMSNorm(c, name="attention_norm")(x), cos, sin, segment_ids)
+            RMSNorm(c, name="attention_norm")(x), cos, sin, segment_ids
+        )
         x = nn.with_logical_constraint(x + h, residual_axes)
         h = MLP(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x + h, residual_axes)
@@ -427,6 +506,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """LLaMA with its LM head; `__call__` returns fp32 logits [batch, length, vocab]."""
+
     config: LlamaConfig
 
     @nn.compact
@@ -438,9 +518,14 @@ class LlamaForCausalLM(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
         init = nn.initializers.normal(stddev=c.initializer_range)
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
-                                          param_dtype=jnp.dtype(c.param_dtype),
-                                          embedding_init=_logical_init(init, ("vocab", "embed")), name="embed")
+        embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            embedding_init=_logical_init(init, ("vocab", "embed")),
+            name="embed",
+        )
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
         cos, sin = rotary_tables(c, positions)
 
@@ -448,17 +533,27 @@ class LlamaForCausalLM(nn.Module):
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
             layer = nn.remat(layer, policy=policy, prevent_cse=False)
-        stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
-                                        split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3,
-                                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 3,
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         x, _ = stack(c, decode, name="layers")(x, cos, sin, segment_ids)
         x = RMSNorm(c, name="final_norm")(x)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("ble,ve->blv", x, embed.embedding.astype(x.dtype),
-                                                    preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "ble,ve->blv",
+                x,
+                embed.embedding.astype(x.dtype),
+                preferred_element_type=jnp.float32,
+            )
         else:
-            logits = Projection(c, ("embed",), (c.vocab_size,), ("vocab",), out_dtype=jnp.float32,
-                                                    name="lm_head")(x)
+            logits = Projection(
+                c, ("embed",), (c.vocab_size,), ("vocab",), out_dtype=jnp.float32, name="lm_head"
+            )(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
@@ -466,6 +561,5 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int):
     """An empty KV cache for `batch` rows of up to `max_length` slots (no params built)."""
     model = LlamaForCausalLM(config)
     tokens = jnp.zeros((batch, max_length), jnp.int32)
-    shapes = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), tokens, decode=True)["cache"])
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))

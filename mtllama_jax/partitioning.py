@@ -7,6 +7,7 @@ this module alone decides how those names map onto the mesh axes `data`,
 and a mesh axis is used once per array, so activations [batch, length, embed]
 put `fsdp` on batch while weights [embed, mlp] put it on embed.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
@@ -30,8 +30,14 @@ RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
     # ZeRO-3 style: weights split along `embed` over `fsdp`, gathered per layer.
     "fsdp": (_BATCH_RULE, ("embed", "fsdp")),
     # FSDP plus Megatron-style tensor parallelism over heads, MLP and vocabulary.
-    "fsdp_tp": (_BATCH_RULE, ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-                ("vocab", "tensor"), ("embed", "fsdp")),
+    "fsdp_tp": (
+        _BATCH_RULE,
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+    ),
 }
 
 
@@ -42,24 +48,30 @@ def logical_axis_rules(name: str = "fsdp_tp") -> tuple[tuple[str, Any], ...]:
     return RULE_SETS[name]
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (all by default); one size may be -1 (the rest)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}): "
-                         "at most one may be -1")
+        raise ValueError(
+            f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}): at most one may be -1"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if known <= 0 or len(devices) % known:
-            raise ValueError(f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}) do not "
-                             f"divide the {len(devices)} devices")
+            raise ValueError(
+                f"mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}) do not "
+                f"divide the {len(devices)} devices"
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh sizes (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) "
-                         f"multiply to {math.prod(sizes)}, but there are {len(devices)} devices; "
-                         "set one size to -1 to use the rest")
+        raise ValueError(
+            f"mesh sizes (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) "
+            f"multiply to {math.prod(sizes)}, but there are {len(devices)} devices; "
+            "set one size to -1 to use the rest"
+        )
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
@@ -107,10 +119,13 @@ def tree_shardings_like_params(abstract_tree, params_shardings, abstract_param_t
     takes the param's sharding; every other leaf (step counts, scalars) is
     replicated.
     """
-    shapes = {_path_names(p): leaf.shape
-              for p, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_param_tree))[0]}
-    by_path = {_path_names(p): s
-               for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+    shapes = {
+        _path_names(p): leaf.shape
+        for p, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_param_tree))[0]
+    }
+    by_path = {
+        _path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+    }
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):

@@ -1,4 +1,5 @@
 """Bad configs and weights fail with the field or tensor named, and both values."""
+
 import json
 
 import numpy as np
@@ -7,8 +8,9 @@ import pytest
 from mtllama_jax.convert.hf_params import hf_to_params, param_shapes, params_to_hf, unflatten
 from mtllama_jax.model import LlamaConfig
 
-HF = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-          num_attention_heads=2)
+HF = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+)
 
 
 def test_missing_field_is_named(tmp_path):
@@ -16,7 +18,9 @@ def test_missing_field_is_named(tmp_path):
     del broken["intermediate_size"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match=r"config.json: missing field\(s\) \['intermediate_size'\]"):
+    with pytest.raises(
+        ValueError, match=r"config.json: missing field\(s\) \['intermediate_size'\]"
+    ):
         LlamaConfig.from_hf(tmp_path)
 
 
@@ -38,8 +42,11 @@ def test_weight_shape_mismatch_names_tensor_and_shapes():
     config = LlamaConfig.from_hf(HF)
     small = LlamaConfig.from_hf({**HF, "intermediate_size": 24})
     tensors = dict(params_to_hf(_zeros_tree(small), small))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(24, 16\) "
-                                         r"but config.json implies \(32, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.mlp.gate_proj.weight has shape \(24, 16\) "
+        r"but config.json implies \(32, 16\)",
+    ):
         hf_to_params(tensors, config)
     del tensors["model.norm.weight"]
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model.norm.weight'\]"):
@@ -47,4 +54,6 @@ def test_weight_shape_mismatch_names_tensor_and_shapes():
 
 
 def _zeros_tree(config):
-    return unflatten({path: np.zeros(shape, np.float32) for path, shape in param_shapes(config).items()})
+    return unflatten(
+        {path: np.zeros(shape, np.float32) for path, shape in param_shapes(config).items()}
+    )

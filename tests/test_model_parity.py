@@ -1,4 +1,5 @@
 """The Flax LLaMA against transformers' LlamaForCausalLM on the same weights."""
+
 import jax
 import numpy as np
 import pytest
@@ -9,15 +10,29 @@ import transformers
 from mtllama_jax.convert.hf_params import hf_to_params, params_to_hf
 from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
 
-BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5)
+BASE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 FAMILIES = {
     "llama1": dict(num_key_value_heads=4),
     "llama2_gqa": dict(num_key_value_heads=2),
     "llama3_rope_scaling": dict(
-        num_key_value_heads=1, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+        num_key_value_heads=1,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ),
     "linear_rope": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "tied_embeddings": dict(num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -76,8 +91,9 @@ def test_packed_rows_equal_separate_runs(tmp_path):
     packed[0, :9], packed[0, 9:15] = a[0], b[0]
     segments = np.array([[1] * 9 + [2] * 6 + [0] * 5])
     positions = np.array([list(range(9)) + list(range(6)) + [0] * 5])
-    logits = np.asarray(model.apply({"params": params}, packed, positions=positions,
-                                    segment_ids=segments))
+    logits = np.asarray(
+        model.apply({"params": params}, packed, positions=positions, segment_ids=segments)
+    )
     alone_a = np.asarray(model.apply({"params": params}, a))
     alone_b = np.asarray(model.apply({"params": params}, b))
     np.testing.assert_allclose(logits[:, :9], alone_a, atol=1e-5)

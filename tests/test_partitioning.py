@@ -1,4 +1,5 @@
 """Sharded forward on 8 CPU devices equals the unsharded one; FSDP really splits weights."""
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -16,7 +17,9 @@ def sharded_logits(mesh, rules, params, tokens):
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         placed = jax.device_put(params, shardings)
-        apply = jax.jit(lambda p, t: model.apply({"params": p}, t), in_shardings=(shardings, batch_sharding))
+        apply = jax.jit(
+            lambda p, t: model.apply({"params": p}, t), in_shardings=(shardings, batch_sharding)
+        )
         return np.asarray(apply(placed, tokens))
 
 
@@ -31,8 +34,10 @@ def reference():
     return params, tokens, logits
 
 
-@pytest.mark.parametrize("sizes,rules", [((1, 8, 1), "fsdp"), ((1, 4, 2), "fsdp_tp"),
-                                         ((2, 2, 2), "fsdp_tp"), ((8, 1, 1), "data")])
+@pytest.mark.parametrize(
+    "sizes,rules",
+    [((1, 8, 1), "fsdp"), ((1, 4, 2), "fsdp_tp"), ((2, 2, 2), "fsdp_tp"), ((8, 1, 1), "data")],
+)
 def test_sharded_forward_equals_unsharded(reference, sizes, rules):
     params, tokens, expected = reference
     mesh = partitioning.make_mesh(*sizes)
@@ -42,12 +47,17 @@ def test_sharded_forward_equals_unsharded(reference, sizes, rules):
 
 def test_fsdp8_splits_every_weight():
     mesh = partitioning.make_mesh(data=1, fsdp=8, tensor=1)
-    params = partitioning.init_params(CONFIG, mesh, partitioning.logical_axis_rules("fsdp"),
-                                      jax.random.key(0))
+    params = partitioning.init_params(
+        CONFIG, mesh, partitioning.logical_axis_rules("fsdp"), jax.random.key(0)
+    )
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     device = jax.devices()[0]
-    on_device = sum(shard.data.nbytes for x in jax.tree.leaves(params)
-                    for shard in x.addressable_shards if shard.device == device)
+    on_device = sum(
+        shard.data.nbytes
+        for x in jax.tree.leaves(params)
+        for shard in x.addressable_shards
+        if shard.device == device
+    )
     assert on_device <= total / 8 * 1.05, (on_device, total)
 
 
@@ -63,6 +73,7 @@ def test_mesh_sizes_are_checked():
 
 def test_state_shardings_follow_params():
     import optax
+
     mesh = partitioning.make_mesh(data=1, fsdp=4, tensor=2)
     rules = partitioning.logical_axis_rules("fsdp_tp")
     shardings = partitioning.param_shardings(CONFIG, mesh, rules)
@@ -70,5 +81,7 @@ def test_state_shardings_follow_params():
     opt_state = jax.eval_shape(optax.adamw(1e-3).init, nn.unbox(abstract))
     state_shardings = partitioning.tree_shardings_like_params(opt_state, shardings, abstract, mesh)
     mu = state_shardings[0].mu
-    assert mu["layers"]["mlp"]["up_proj"]["kernel"] == shardings["layers"]["mlp"]["up_proj"]["kernel"]
+    assert (
+        mu["layers"]["mlp"]["up_proj"]["kernel"] == shardings["layers"]["mlp"]["up_proj"]["kernel"]
+    )
     assert state_shardings[0].count.spec == jax.sharding.PartitionSpec()
