@@ -1,0 +1,235 @@
+"""Training checkpoints: Orbax CheckpointManager saves, exact restore, preemption, MODEL_DIR.
+
+A MODEL_DIR holds:
+
+    config.json               the model (Hugging Face fields), checked on every start
+    tokenizer.model ...       the tokenizer files the run was given (copied)
+    config.gin                the operative gin config of the latest start
+    checkpoints/<step>/params the params pytree (Orbax), restorable on its own
+    checkpoints/<step>/state  step, optimizer state, PRNG key, skipped-step count
+
+Saves are asynchronous, every N steps and/or every M minutes (Orbax's
+save-decision policies, which agree across hosts), keeping the last K.
+Orbax writes a step into a temporary folder and renames it when every process
+has finished, so a step killed half-way is never listed, never restored.
+Restoring reads onto the *current* mesh's shardings, so a run saved on one mesh
+continues on another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+from typing import Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from mtllama_jax.config import LlamaConfig
+from mtllama_jax.train_state import TrainState
+
+_policies = ocp.checkpoint_managers
+# HF fields that do not change the architecture (a resumed run may change them).
+_NON_ARCHITECTURE = ("torch_dtype",)
+
+
+class TrainCheckpoints:
+    """Saves and restores `TrainState`s under `<model_dir>/checkpoints`."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        every_steps: int | None = 1000,
+        every_minutes: float | None = None,
+        keep: int | None = 3,
+        async_save: bool = True,
+    ):
+        policies = []
+        if every_steps:
+            policies.append(_policies.FixedIntervalPolicy(int(every_steps)))
+        if every_minutes:
+            policies.append(
+                _policies.ContinuousCheckpointingPolicy(
+                    minimum_interval_secs=int(every_minutes * 60)
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            save_decision_policy=_policies.AnySavePolicy(policies) if policies else
+            _policies.SpecificStepsPolicy(()),
+            cleanup_tmp_directories=True,
+        )
+        self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("params", "state")
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest fully written step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> Sequence[int]:
+        return self.manager.all_steps()
+
+    def restore(self, step: int, target: TrainState) -> TrainState:
+        """The state saved at `step`, placed on `target`'s shardings (ShapeDtypeStructs)."""
+        rest = _rest(target)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target.params),
+                state=ocp.args.StandardRestore(rest),
+            ),
+        )
+        return TrainState(params=restored.params, **restored.state)
+
+    def maybe_save(self, step: int, state: TrainState) -> bool:
+        """Saves if the step or time policy says so (asynchronously)."""
+        return self.manager.save(step, args=self._args(state))
+
+    def save(self, step: int, state: TrainState) -> bool:
+        """Saves now unless `step` is already saved (end of run, preemption)."""
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(step, args=self._args(state), force=True)
+
+    def wait(self):
+        """Blocks until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+    @staticmethod
+    def _args(state: TrainState):
+        return ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            state=ocp.args.StandardSave(_rest(state)),
+        )
+
+
+def _rest(state: TrainState) -> dict:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+            "skipped": state.skipped}
+
+
+def restore_params(model_dir: str, step: int, target):
+    """Only the params of a training checkpoint, onto `target`'s shardings."""
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(model_dir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("params", "state"),
+    )
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        )
+        return restored.params
+    finally:
+        manager.close()
+
+
+# ---- MODEL_DIR files ---------------------------------------------------------------------
+
+
+def architecture(config: LlamaConfig) -> dict:
+    """The Hugging Face fields that define the model's shape and function."""
+    hf = config.to_hf()
+    for key in _NON_ARCHITECTURE:
+        hf.pop(key, None)
+    return hf
+
+
+def check_model_dir(model_dir: str, config: LlamaConfig) -> None:
+    """Refuses a MODEL_DIR whose config.json describes another model (shows both)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    mine = architecture(config)
+    differ = {
+        k: (saved.get(k), mine.get(k))
+        for k in sorted(set(saved) | set(mine))
+        if k not in _NON_ARCHITECTURE and saved.get(k) != mine.get(k)
+    }
+    if differ:
+        lines = "\n".join(f"  {k}: MODEL_DIR has {a!r}, this run has {b!r}" for k, (a, b) in
+                          differ.items())
+        raise ValueError(
+            f"{path} describes another model than this run's LlamaConfig:\n{lines}\n"
+            "Point MODEL_DIR at a new folder, or use the gin model file it was trained with."
+        )
+
+
+def write_model_dir_files(
+    model_dir: str,
+    config: LlamaConfig,
+    tokenizer_files: Sequence[str] = (),
+    gin_config: str | None = None,
+) -> None:
+    """Writes config.json, the tokenizer files and config.gin (process 0 only; atomic)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(model_dir, exist_ok=True)
+    hf = dict(config.to_hf(), mtllama_jax={
+        k: v for k, v in dataclasses.asdict(config).items()
+        if k in ("dtype", "param_dtype", "attention", "remat")
+    })
+    _atomic_write(os.path.join(model_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
+    for src in tokenizer_files:
+        dst = os.path.join(model_dir, os.path.basename(src))
+        if os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+    if gin_config is not None:
+        _atomic_write(os.path.join(model_dir, "config.gin"), gin_config)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---- preemption --------------------------------------------------------------------------
+
+
+class PreemptionWatch:
+    """Turns SIGTERM/SIGINT into a request to save and exit, agreed by every process.
+
+    `requested()` is True on every process once any process got a signal (a
+    tiny all-gather when there are several processes), so all of them save the
+    same step. Use as a context manager to restore the previous handlers.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self._flag = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        flags = multihost_utils.process_allgather(np.int32(self._flag))
+        return bool(np.any(flags))

@@ -1,0 +1,156 @@
+"""Training metrics: TensorBoard event files, a JSONL log, a progress bar, and MFU.
+
+Process 0 writes; the others only count. `MetricsWriter` writes
+`<model_dir>/metrics.jsonl` (one JSON object per line: step, kind, values) and
+TensorBoard events under `<model_dir>/tensorboard/<kind>`. On a resumed run the
+JSONL lines after the restored step are dropped first, so the log of a resumed
+run reads like the log of an uninterrupted one.
+
+MFU = achieved model FLOPs / the devices' peak. Model FLOPs per token are
+6 x (matmul params) for the forward and backward passes, plus the attention
+scores and values, 6 x layers x heads x head_dim x length (12x halved: causal).
+Peak FLOPs come from `PEAK_FLOPS` (dense bf16, per device) by device kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax
+
+from mtllama_jax.config import LlamaConfig
+
+# Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
+# First match wins, so specific names come before their families.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("V100", 125e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak dense bf16 FLOP/s of one device of this kind; None when unknown (CPU)."""
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def flops_per_token(config: LlamaConfig, length: int) -> float:
+    """Training FLOPs per token (forward + backward) of `config` at sequence `length`."""
+    e, d = config.hidden_size, config.head_dim
+    attn_proj = e * d * (2 * config.num_heads + 2 * config.num_kv_heads)
+    per_layer = attn_proj + 3 * e * config.intermediate_size
+    matmul_params = config.num_layers * per_layer + e * config.vocab_size  # LM head
+    attention = 6 * config.num_layers * config.num_heads * d * length
+    return 6.0 * matmul_params + attention
+
+
+def mfu(config: LlamaConfig, length: int, tokens_per_s: float, devices=None) -> float | None:
+    """Model FLOPs utilisation over `devices` (all by default); None on unknown devices."""
+    devices = jax.devices() if devices is None else devices
+    peak = peak_flops(devices[0].device_kind)
+    if peak is None:
+        return None
+    return flops_per_token(config, length) * tokens_per_s / (peak * len(devices))
+
+
+class MetricsWriter:
+    """TensorBoard + JSONL + tqdm progress bar for one run (process 0 writes)."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        config: LlamaConfig | None = None,
+        length: int | None = None,
+        progress: bool = True,
+    ):
+        self.primary = jax.process_index() == 0
+        self.config, self.length = config, length
+        self.path = os.path.join(model_dir, "metrics.jsonl")
+        self._tb = {}
+        self._bar = None
+        if not self.primary:
+            return
+        os.makedirs(model_dir, exist_ok=True)
+        truncate_jsonl(self.path, start_step)
+        self._tb_dir = os.path.join(model_dir, "tensorboard")
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write_train(self, step: int, values: Mapping[str, float]) -> None:
+        """Train metrics; adds MFU when the device kind's peak is known."""
+        values = dict(values)
+        if self.config is not None and self.length and "tokens_per_s" in values:
+            util = mfu(self.config, self.length, values["tokens_per_s"])
+            if util is not None:
+                values["mfu"] = util
+        self.write(step, values, "train")
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
+                                  refresh=False)
+
+    def write(self, step: int, values: Mapping[str, float], kind: str) -> None:
+        """One record of `kind` (train, eval, zero_shot, ...) at `step`."""
+        if not self.primary or not values:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": kind, **values}) + "\n")
+        tb = self._tb.get(kind)
+        if tb is None:
+            from tensorboardX import SummaryWriter
+
+            tb = self._tb[kind] = SummaryWriter(os.path.join(self._tb_dir, kind))
+        for name, value in values.items():
+            tb.add_scalar(name, value, step)
+        tb.flush()
+
+    def close(self) -> None:
+        for tb in self._tb.values():
+            tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drops records after `last_step` (written past the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str, kind: str = "train") -> list[dict]:
+    """The records of one kind, in order."""
+    with open(path) as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if r["kind"] == kind]

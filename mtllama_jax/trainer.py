@@ -1,0 +1,334 @@
+"""The sharded train step, the validation step, and the loop that drives them.
+
+`Trainer` compiles one `jax.jit` per step kind with `NamedSharding`s in and out:
+the state is sharded by the logical rules and donated, the batch is split over
+(`data`, `fsdp`). A step accumulates gradients over microbatches (a `lax.scan`,
+so memory stays that of one microbatch), clips and applies AdamW, and, on a
+non-finite loss or gradient norm, keeps the previous params (skipping the step,
+counted) or flags the run to stop after saving.
+
+`train_loop` feeds host batches through `make_array_from_process_local_data`
+(each process feeds its own rows), saves checkpoints through
+`mtllama_jax.checkpoints`, writes metrics through `mtllama_jax.metrics`, and
+calls the validation and zero-shot hooks at their periods.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtllama_jax import losses, partitioning, train_state
+from mtllama_jax.config import LlamaConfig
+from mtllama_jax.model import LlamaForCausalLM
+
+BATCH_FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights")
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class Trainer:
+    """Compiled, sharded train and validation steps for one model on one mesh."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        mesh: Mesh,
+        rules,
+        tx: optax.GradientTransformation,
+        *,
+        schedule: optax.Schedule | None = None,
+        microbatches: int = 1,
+        normalize: str = "token",
+        z_loss: float = 0.0,
+        nonfinite: str = "skip",
+    ):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"train.nonfinite={nonfinite!r}: choose one of {NONFINITE_POLICIES}")
+        if normalize not in losses.NORMALIZATIONS:
+            raise ValueError(
+                f"train.loss_normalization={normalize!r}: choose one of {losses.NORMALIZATIONS}"
+            )
+        if microbatches < 1:
+            raise ValueError(f"train.microbatches={microbatches}: must be >= 1")
+        self.config, self.mesh, self.rules, self.tx = config, mesh, rules, tx
+        self.schedule = schedule
+        self.microbatches = microbatches
+        self.normalize, self.z_loss, self.nonfinite = normalize, z_loss, nonfinite
+        self.model = LlamaForCausalLM(config)
+        self.abstract_state, self.state_shardings = train_state.state_shardings(
+            config, mesh, rules, tx
+        )
+        self.batch_sharding = partitioning.batch_sharding(mesh, rules)
+        batch_spec = self.batch_sharding.spec
+        self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_spec))
+        self.batch_shards = math.prod(
+            mesh.shape[a] for a in _axes(batch_spec[0] if batch_spec else None)
+        )
+        replicated = NamedSharding(mesh, PartitionSpec())
+        batch_shardings = {k: self.batch_sharding for k in BATCH_FEATURES}
+        self._train_step = jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, batch_shardings),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(
+            self._eval,
+            in_shardings=(self.state_shardings.params, batch_shardings),
+            out_shardings=replicated,
+        )
+        self._init = jax.jit(
+            lambda params, key: train_state.create(params, tx, key),
+            in_shardings=(self.state_shardings.params, None),
+            out_shardings=self.state_shardings,
+        )
+
+    # ---- state -------------------------------------------------------------------------
+
+    def init_state(self, key: jax.Array, params=None) -> train_state.TrainState:
+        """A step-0 state: random params from `key`, or the given (converted) params."""
+        if params is None:
+            params = partitioning.init_params(self.config, self.mesh, self.rules, key)
+        with self._context():
+            return self._init(params, key)
+
+    def abstract_restore_target(self):
+        """The state's ShapeDtypeStructs with this mesh's shardings (restore target)."""
+        return train_state.with_shardings(self.abstract_state, self.state_shardings)
+
+    # ---- steps -------------------------------------------------------------------------
+
+    def train_step(self, state, batch):
+        """One optimizer step on a global batch (see `global_batch`); returns (state, metrics)."""
+        with self._context():
+            return self._train_step(state, batch)
+
+    def eval_step(self, params, batch):
+        """Summed validation terms of one global batch (`losses.cross_entropy_sums`)."""
+        with self._context():
+            return self._eval_step(params, batch)
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a batch, assembled into sharded global arrays."""
+        missing = [k for k in BATCH_FEATURES if k not in local]
+        if missing:
+            raise ValueError(f"batch lacks feature(s) {missing}; a batch holds {BATCH_FEATURES}")
+        rows, length = np.shape(local["input_tokens"])
+        global_rows = rows * jax.process_count()
+        shards = self.batch_shards * self.microbatches
+        if global_rows % shards:
+            raise ValueError(
+                f"global batch of {global_rows} rows ({rows} per process x "
+                f"{jax.process_count()} processes) is not divisible by "
+                f"{self.batch_shards} batch shards (mesh data x fsdp) x {self.microbatches} "
+                f"microbatches = {shards}; set train.batch_size to a multiple of {shards}"
+            )
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding, np.asarray(local[k]), (global_rows, length)
+            )
+            for k in BATCH_FEATURES
+        }
+
+    # ---- traced bodies -----------------------------------------------------------------
+
+    def _context(self):
+        return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+
+    def _sums(self, params, batch):
+        logits = self.model.apply(
+            {"params": params},
+            batch["input_tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+        )
+        return losses.cross_entropy_sums(
+            logits,
+            batch["target_tokens"],
+            batch["loss_weights"],
+            batch["segment_ids"],
+            normalize=self.normalize,
+            z_loss=self.z_loss,
+        )
+
+    def _grads(self, params, batch):
+        """Gradient of the summed loss and the summed terms, over all microbatches."""
+
+        def loss_fn(p, mb):
+            sums = self._sums(p, mb)
+            return sums["loss"], sums
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n = self.microbatches
+        if n == 1:
+            (_, sums), grads = grad_fn(params, batch)
+            return grads, sums
+
+        def split(x):  # microbatch i takes rows i, i+n, ...: each spans every device
+            rows = x.shape[0] // n
+            x = x.reshape(rows, n, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, self._micro_sharding)
+
+        micro = jax.tree.map(split, batch)
+
+        def body(carry, mb):
+            (_, sums), g = grad_fn(params, mb)
+            acc_g, acc_s = carry
+            acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+            return (acc_g, jax.tree.map(jnp.add, acc_s, sums)), None
+
+        zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros_s = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(self._sums, params, jax.tree.map(lambda x: x[0], micro)),
+        )
+        (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return grads, sums
+
+    def _step(self, state: train_state.TrainState, batch):
+        grads, sums = self._grads(state.params, batch)
+        denominator = jnp.maximum(sums["denominator"], 1.0)
+        grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype), grads)
+        loss = sums["loss"] / denominator
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        skip = self.nonfinite == "skip"
+        bad = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + (1 if skip else 1 - bad),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (bad if skip else 0),
+        )
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        metrics = {
+            "loss": loss,
+            "nll": sums["nll"] / tokens,
+            "z_loss": sums["z_loss"] / tokens,
+            "accuracy": sums["correct"] / tokens,
+            "grad_norm": grad_norm,
+            "loss_tokens": sums["tokens"],
+            "nonpad_fraction": sums["nonpad"] / batch["segment_ids"].size,
+            "nonfinite": bad,
+            "skipped_steps": new_state.skipped,
+        }
+        if self.schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
+        return new_state, metrics
+
+    def _eval(self, params, batch):
+        return self._sums(params, batch)
+
+
+class _Both:
+    """Enters two context managers (the mesh and the logical rules) as one."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __enter__(self):
+        self.a.__enter__()
+        self.b.__enter__()
+
+    def __exit__(self, *exc):
+        self.b.__exit__(*exc)
+        self.a.__exit__(*exc)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def validation_metrics(trainer: Trainer, params, batches: Iterable[Mapping[str, np.ndarray]]):
+    """Teacher-forced loss (per token), accuracy and perplexity over validation batches."""
+    total: dict[str, float] | None = None
+    for local in batches:
+        sums = jax.device_get(trainer.eval_step(params, trainer.global_batch(local)))
+        total = sums if total is None else {k: total[k] + sums[k] for k in total}
+    if total is None or total["tokens"] == 0:
+        raise ValueError("validation data yielded no weighted tokens; check the eval split")
+    nll = float(total["nll"] / total["tokens"])
+    return {
+        "loss": nll,
+        "accuracy": float(total["correct"] / total["tokens"]),
+        "perplexity": float(np.exp(min(nll, 50.0))),
+    }
+
+
+def train_loop(
+    trainer: Trainer,
+    state: train_state.TrainState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    num_steps: int,
+    *,
+    checkpoints=None,
+    writer=None,
+    log_every: int = 10,
+    eval_every: int = 0,
+    validation: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
+    eval_hook: Callable[[Any, int], Mapping[str, float]] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> tuple[train_state.TrainState, str]:
+    """Runs steps from `state.step` to `num_steps`; returns (state, why it ended).
+
+    `batches` yields this process's rows for steps state.step, state.step + 1, ...
+    `checkpoints` (a `checkpoints.TrainCheckpoints`) saves on its schedule, on
+    `stop_requested()` (preemption) and at the end. `writer` (a
+    `metrics.MetricsWriter`) gets train metrics every `log_every` steps and
+    validation (`validation()` batches) / `eval_hook(params, step)` results
+    every `eval_every` steps. Ends with "done", "preempted" or "nonfinite".
+    """
+    step = int(jax.device_get(state.step))
+    stop_each_step = trainer.nonfinite == "stop"
+    batches = iter(batches)
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    reason = "done"
+    while step < num_steps:
+        local = next(batches, None)
+        if local is None:
+            raise ValueError(f"the training data ran out at step {step} of {num_steps}")
+        state, metrics = trainer.train_step(state, trainer.global_batch(local))
+        window_steps += 1
+        window_tokens += np.size(local["input_tokens"]) * jax.process_count()
+        if stop_each_step and int(jax.device_get(metrics["nonfinite"])):
+            reason = "nonfinite"
+            break
+        step += 1
+        if writer is not None and (step % log_every == 0 or step == num_steps):
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - window_start
+            values["step_time_s"] = elapsed / window_steps
+            values["tokens_per_s"] = window_tokens / elapsed
+            writer.write_train(step, values)
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        if eval_every and step % eval_every == 0 and writer is not None:
+            if validation is not None:
+                writer.write(step, validation_metrics(trainer, state.params, validation()), "eval")
+            if eval_hook is not None:
+                writer.write(step, eval_hook(state.params, step), "zero_shot")
+        if stop_requested():
+            reason = "preempted"
+            break
+        if checkpoints is not None:
+            checkpoints.maybe_save(step, state)
+    if checkpoints is not None:
+        checkpoints.save(int(jax.device_get(state.step)), state)
+        checkpoints.wait()
+    return state, reason
