@@ -35,7 +35,7 @@ from mtllama_jax.train_state import TrainState
 
 _policies = ocp.checkpoint_managers
 # HF fields that do not change the architecture (a resumed run may change them).
-_NON_ARCHITECTURE = ("torch_dtype",)
+_NON_ARCHITECTURE = ("torch_dtype", "mtllama_jax")
 
 
 class TrainCheckpoints:
