@@ -45,8 +45,11 @@ def synthetic_batches(seed: int, rows: int, length: int, vocab: int):
     return batches
 
 
-def run_tiny(model_dir: str, kill_at: int | None = None, **kw):
-    """The run under test: tiny LLaMA, FSDP over 8 devices, checkpoint every 3 steps."""
+def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **kw):
+    """The run under test: tiny LLaMA, FSDP over 8 devices, checkpoint every 3 steps.
+
+    Sends itself `sig` when asked for the batch of step `kill_at`.
+    """
     from mtllama_jax import optim, partitioning, train
     from mtllama_jax.config import LlamaConfig
 
@@ -58,12 +61,14 @@ def run_tiny(model_dir: str, kill_at: int | None = None, **kw):
 
     def batches(start):
         for step, batch in zip(itertools.count(start), source(start)):
-            if step == kill_at:  # once step 3's async save is committed, so restore is tested
+            if step == kill_at and sig == signal.SIGKILL:
+                # once step 3's async save is committed, so that restore is tested
                 committed = os.path.join(model_dir, "checkpoints", "3")
                 deadline = time.time() + 120
                 while not os.path.isdir(committed) and time.time() < deadline:
                     time.sleep(0.05)
-                os.kill(os.getpid(), signal.SIGKILL)
+            if step == kill_at:
+                os.kill(os.getpid(), sig)
             yield batch
 
     kw.setdefault("checkpoint_every_steps", 3)

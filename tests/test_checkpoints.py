@@ -1,0 +1,75 @@
+"""Training checkpoints: restore onto another mesh, keep K, partial steps, MODEL_DIR, preemption."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
+from mtllama_jax.config import LlamaConfig
+from test_train_resume import run_tiny
+
+CONFIG = LlamaConfig.tiny()
+
+
+def make_trainer(sizes, rules):
+    return trainer.Trainer(
+        CONFIG, partitioning.make_mesh(*sizes), partitioning.logical_axis_rules(rules),
+        optim.make_optimizer(1e-3, weight_decay=0.1),
+    )
+
+
+def test_restore_onto_another_mesh_keep_k_and_partial_steps(tmp_path):
+    fsdp = make_trainer((1, 8, 1), "fsdp")
+    state = fsdp.init_state(jax.random.key(0))
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=2, keep=2)
+    for step in range(1, 7):
+        ckpt.maybe_save(step, state)
+    ckpt.wait()
+    assert list(ckpt.all_steps()) == [4, 6]
+    # A step whose writing was interrupted stays in Orbax's temporary folder: never listed.
+    partial = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234567"
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "garbage").write_text("half written")
+    ckpt.close()
+
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=2, keep=2)
+    assert ckpt.latest_step() == 6
+    tp = make_trainer((2, 2, 2), "fsdp_tp")
+    restored = ckpt.restore(6, tp.abstract_restore_target())
+    ckpt.close()
+    kernel = restored.params["layers"]["attention"]["q_proj"]["kernel"]
+    assert kernel.sharding == tp.state_shardings.params["layers"]["attention"]["q_proj"]["kernel"]
+    assert "tensor" in jax.tree.leaves(tuple(kernel.sharding.spec))
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                        restored, state)
+    assert all(jax.tree.leaves(same))
+
+
+def test_model_dir_of_another_model_is_refused_showing_both(tmp_path):
+    checkpoints.write_model_dir_files(str(tmp_path), CONFIG, gin_config="# gin\n")
+    assert json.load(open(tmp_path / "config.json"))["hidden_size"] == 64
+    assert (tmp_path / "config.gin").read_text() == "# gin\n"
+    checkpoints.check_model_dir(str(tmp_path), CONFIG.replace(attention="pallas"))  # same model
+    with pytest.raises(ValueError) as err:
+        checkpoints.check_model_dir(str(tmp_path), CONFIG.replace(hidden_size=128, num_layers=4))
+    message = str(err.value)
+    assert "config.json describes another model" in message
+    assert "hidden_size: MODEL_DIR has 64, this run has 128" in message
+    assert "num_hidden_layers: MODEL_DIR has 2, this run has 4" in message
+
+
+def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
+    model_dir = str(tmp_path)
+    state, reason = run_tiny(model_dir, kill_at=1, sig=signal.SIGTERM, num_steps=4,
+                             checkpoint_every_steps=100)
+    assert reason == "preempted" and int(state.step) == 2
+    assert checkpoints.TrainCheckpoints(model_dir).all_steps() == [2]
+    state, reason = run_tiny(model_dir, num_steps=4, checkpoint_every_steps=100)
+    assert reason == "done" and int(state.step) == 4
+    steps = [r["step"] for r in metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
