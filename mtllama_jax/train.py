@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
-import os
+import logging
 import re
 import sys
 from typing import Callable, Iterator, Mapping, Sequence
@@ -161,3 +161,213 @@ def _load_init_params(path: str, config: LlamaConfig, shardings):
 
     checkpoints.check_model_dir(path, config)
     return checkpoint_folder.load_params(path, shardings)
+
+
+@gin.configurable(denylist=["config", "mesh_and_rules"])
+def zero_shot_hook(config, mesh_and_rules, evaluate: Callable | None = None):
+    """Binds the periodic zero-shot evaluation into the loop (`train.eval_every_steps`).
+
+    Args:
+      evaluate: a plain function `evaluate(params, step, config, mesh, rules) ->
+        {name: value}` (e.g. from `mtllama_jax.evaluation`); None for no zero-shot eval.
+    """
+    if evaluate is None:
+        return None
+    mesh_, rules = mesh_and_rules
+    return lambda params, step: evaluate(params, step, config, mesh_, rules)
+
+
+@gin.configurable
+def train(
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    num_steps: int = gin.REQUIRED,
+    batch_size: int = 16,
+    sequence_length: int = 2048,
+    seed: int = 0,
+    init_checkpoint: str | None = None,
+    microbatches: int = 1,
+    loss_normalization: str = "token",
+    z_loss: float = 0.0,
+    nonfinite: str = "skip",
+    checkpoint_every_steps: int | None = 1000,
+    checkpoint_every_minutes: float | None = None,
+    keep_checkpoints: int | None = 3,
+    log_every_steps: int = 10,
+    eval_every_steps: int = 0,
+    validation_split: str | None = "validation",
+    validation_batches: int = 10,
+    tokenizer_files: Sequence[str] = (),
+):
+    """The training job (gin/runs/*.gin). Returns why it ended: done, preempted, nonfinite.
+
+    Args:
+      model_dir: where checkpoints, config.json, tokenizer, config.gin and metrics go;
+        a run restarts from its latest checkpoint.
+      mixture_or_task_name: the seqio mixture or task to train on (`mtllama_jax.tasks`).
+      num_steps: optimizer steps in all (the schedule's length).
+      batch_size: global batch (rows of `sequence_length` packed tokens), all hosts together.
+      sequence_length: packed row length.
+      seed: seed of the params' init and of the data order.
+      init_checkpoint: a params-only folder (`mtllama-convert hf-to-jax`) to start from;
+        None for random init. Ignored once MODEL_DIR has a checkpoint.
+      microbatches: gradient accumulation: the batch is split into this many.
+      loss_normalization: "token" (every response token counts the same) or "sequence"
+        (every example counts the same).
+      z_loss: weight of the log(Z)^2 penalty (0 turns it off).
+      nonfinite: on a NaN/Inf loss or gradient, "skip" the step (counted) or "stop"
+        after saving the last good state.
+      checkpoint_every_steps / checkpoint_every_minutes / keep_checkpoints: async save
+        policy (either trigger saves) and how many checkpoints to keep (None: all).
+      log_every_steps: train metrics period.
+      eval_every_steps: period of validation loss and of the zero-shot hook (0: never).
+      validation_split: split of the mixture for teacher-forced validation loss (None: off).
+      validation_batches: batches per validation.
+      tokenizer_files: files copied into MODEL_DIR (tokenizer.model, ...).
+    """
+    from mtllama_jax import data  # seqio and TF: only the entry point needs them
+
+    config = model_config_from_gin()
+    mesh_and_rules = mesh()
+    processes = jax.process_count()
+    if batch_size % processes:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by the {processes} processes; "
+            f"use a multiple of {processes}"
+        )
+    rows = batch_size // processes
+
+    def stream(split, start):
+        return data.batches(
+            mixture_or_task_name, split=split, sequence_length=sequence_length,
+            batch_size=rows, seed=seed, start_step=start,
+            shard_index=jax.process_index(), num_shards=processes,
+        )
+
+    def batches(start):
+        it = iter(stream("train", start))
+        first = next(it, None)
+        if first is None:
+            raise ValueError(_no_data_message(mixture_or_task_name, "train"))
+        yield first
+        yield from it
+
+    validation = None
+    if eval_every_steps and validation_split:
+        def validation():
+            return list(_take(stream(validation_split, 0), validation_batches))
+
+    _, reason = run(
+        config, mesh_and_rules, optimizer(num_steps), model_dir, num_steps, batches,
+        seed=seed, init_checkpoint=init_checkpoint, microbatches=microbatches,
+        loss_normalization=loss_normalization, z_loss=z_loss, nonfinite=nonfinite,
+        checkpoint_every_steps=checkpoint_every_steps,
+        checkpoint_every_minutes=checkpoint_every_minutes, keep_checkpoints=keep_checkpoints,
+        log_every_steps=log_every_steps, eval_every_steps=eval_every_steps,
+        validation=validation, eval_hook=zero_shot_hook(config, mesh_and_rules),
+        sequence_length=sequence_length, tokenizer_files=tokenizer_files,
+        gin_config=gin.config_str(),
+    )
+    return reason
+
+
+def _take(iterable, n):
+    for _, item in zip(range(n), iterable):
+        yield item
+
+
+def _no_data_message(name: str, split: str) -> str:
+    import seqio
+
+    tasks = [t.name for t in seqio.get_mixture_or_task(name).tasks]
+    return (
+        f"mixture {name!r} yielded no {split} examples; none of its tasks found data: "
+        f"{tasks}. Check their data locations (gin bindings or environment variables)."
+    )
+
+
+# ---- flags -------------------------------------------------------------------------------
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths."""
+    parser = argparse.ArgumentParser(prog="mtllama-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    parser.add_argument("--multihost", action="store_true",
+                        help="jax.distributed.initialize() from the cluster environment")
+    parser.add_argument("--coordinator_address", help="host:port of process 0")
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--process_id", type=int)
+    args, rest = parser.parse_known_args(argv)
+    bindings = []
+    for item in rest:
+        if not item.startswith("--gin."):
+            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
+        binding = item[len("--gin."):]
+        if "=" not in binding:
+            parser.error(f"{item!r}: a binding is --gin.NAME=VALUE")
+        bindings.append(binding.replace("=", " = ", 1))
+    args.gin_bindings = bindings
+    return args
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()):
+    """Parses gin files and bindings; an unknown name is reported with the near names."""
+    for path in [*search_paths, str(GIN_DIR)]:
+        gin.add_config_file_search_path(path)
+    logging.disable(logging.ERROR)  # gin logs every search-path miss as an error
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except ValueError as e:
+        raise ValueError(_unknown_binding_message(str(e))) from None
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{e}; gin files are looked up in --gin_search_paths and {GIN_DIR}"
+        ) from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _unknown_binding_message(error: str) -> str:
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not re.match(r"(No configurable matching|Configurable '.*' doesn't have)", lines[0]):
+        return error
+    match = re.match(r"([\w./]+)\s*=", lines[-1])
+    name = match.group(1) if match else lines[0]
+    near = difflib.get_close_matches(name, _bindable_names(), n=5, cutoff=0.6)
+    hint = f" Near names: {', '.join(near)}." if near else ""
+    return f"unknown gin binding {name!r}: {lines[0]}{hint}\n  " + "\n  ".join(lines[1:])
+
+
+def _bindable_names() -> list[str]:
+    """Every `configurable.parameter` gin knows about."""
+    names = []
+    for selector, configurable in gin.config._REGISTRY.items():  # gin has no public listing
+        if selector.startswith("gin."):
+            continue
+        short = selector.split(".")[-1]
+        try:
+            params = inspect.signature(configurable.wrapped).parameters
+        except (TypeError, ValueError):
+            continue
+        names += [f"{short}.{p}" for p in params if p not in ("self", "args", "kwargs")]
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    if args.coordinator_address or args.multihost:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                                   args.process_id)
+    import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
+
+    search = [p for p in args.gin_search_paths.split(",") if p]
+    parse_gin(args.gin_file, args.gin_bindings, search)
+    reason = train()
+    print(f"mtllama-train: {reason}", file=sys.stderr)
+    return {"done": 0, "preempted": 0}.get(reason, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
