@@ -34,12 +34,12 @@ PLATFORM_BACKENDS = {
 class BlockSizes:
   """Tile sizes (powers of two) and Triton launch settings; TPU ignores the warp/stage fields."""
   block_q: int = 128
-  block_k: int = 64
+  block_k: int = 128
   block_q_dq: int = 64
   block_k_dq: int = 64
   block_q_dkv: int = 64
   block_k_dkv: int = 64
-  num_warps_fwd: int = 4
+  num_warps_fwd: int = 8
   num_stages_fwd: int = 3
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
@@ -62,6 +62,9 @@ DEFAULT_BLOCKS = {
     "tpu": BlockSizes(block_q=512, block_k=512, block_q_dq=512, block_k_dq=512,
                       block_q_dkv=512, block_k_dkv=512),
 }
+# fp32 tiles take twice the shared memory: smaller blocks, shallower pipelines.
+DEFAULT_BLOCKS_FP32 = {"triton": BlockSizes(block_q=64, block_k=64, num_warps_fwd=4,
+                                            num_stages_fwd=2)}
 MIN_BLOCK = {"triton": 16, "interpret": 8, "tpu": 128}
 HEAD_DIMS = {"triton": triton_kernels.HEAD_DIMS, "interpret": triton_kernels.HEAD_DIMS,
              "tpu": tpu_kernels.HEAD_DIMS}
@@ -79,8 +82,10 @@ def pick_backend(backend=None):
   return backend
 
 
-def _block_sizes(block_sizes, backend, seq_len):
+def _block_sizes(block_sizes, backend, seq_len, dtype):
   base = DEFAULT_BLOCKS[backend]
+  if jnp.dtype(dtype).itemsize > 2:
+    base = DEFAULT_BLOCKS_FP32.get(backend, base)
   if isinstance(block_sizes, dict):
     unknown = set(block_sizes) - {f.name for f in dataclasses.fields(BlockSizes)}
     if unknown:
@@ -141,7 +146,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _local_attention(q, k, v, seg, *, causal, sm_scale, block_sizes, backend):
   """Pads to the blocks, runs the kernels on this device's arrays, slices the padding off."""
   seq = q.shape[1]
-  blocks = _block_sizes(block_sizes, backend, seq)
+  blocks = _block_sizes(block_sizes, backend, seq, q.dtype)
   padded = -(-seq // blocks.largest()) * blocks.largest()
   if padded != seq:
     pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
