@@ -1,0 +1,62 @@
+"""mtllama-train's flags and gin files: T5X-style flags, near-name errors, the run files."""
+
+import gin
+import pytest
+
+from mtllama_jax import train
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_flags_are_t5x_style():
+    args = train.parse_flags(["--gin_file=a.gin", "--gin_file", "b.gin",
+                              "--gin.train.batch_size=8", "--gin.MODEL_DIR='/x=y'",
+                              "--gin_search_paths=/p,/q"])
+    assert args.gin_file == ["a.gin", "b.gin"]
+    assert args.gin_bindings == ["train.batch_size = 8", "MODEL_DIR = '/x=y'"]
+    with pytest.raises(SystemExit):
+        train.parse_flags(["--steps=3"])
+
+
+@pytest.mark.parametrize("binding,near", [
+    ("train.bach_size = 8", "train.batch_size"),
+    ("trian.num_steps = 8", "train.num_steps"),
+    ("LlamaConfig.hiden_size = 8", "LlamaConfig.hidden_size"),
+    ("mesh.fsdb = 8", "mesh.fsdp"),
+])
+def test_unknown_binding_lists_near_names(binding, near):
+    with pytest.raises(ValueError) as err:
+        train.parse_gin(["runs/finetune.gin"], [binding])
+    message = str(err.value)
+    assert message.startswith(f"unknown gin binding '{binding.split(' ')[0]}'")
+    assert near in message.split("Near names:")[1]
+
+
+def test_missing_gin_file_names_the_search_paths():
+    with pytest.raises(FileNotFoundError, match="runs/nope.gin.*--gin_search_paths"):
+        train.parse_gin(["runs/nope.gin"], [])
+
+
+def test_mtllama_7b_run_file_is_the_recipe():
+    train.parse_gin(["runs/mtllama_7b.gin", "mesh/fsdp.gin"], ["MODEL_DIR = '/tmp/m'"])
+    config = train.model_config_from_gin()
+    assert (config.vocab_size, config.hidden_size, config.num_layers) == (32001, 4096, 32)
+    q = gin.query_parameter
+    assert q("%BATCH_SIZE") == 16 and q("%SEQUENCE_LENGTH") == 2048
+    assert q("optimizer.learning_rate") == 2e-5 and q("optimizer.weight_decay") == 0.0
+    assert q("optimizer.schedule") == "cosine" and q("optimizer.warmup_fraction") == 0.03
+    assert q("%MIXTURE") == "t0_train" and q("mesh.rules") == "fsdp"
+
+
+@pytest.mark.parametrize("mesh_file", ["single", "fsdp", "fsdp_tp"])
+def test_mesh_files_build_meshes(mesh_file):
+    train.parse_gin([f"mesh/{mesh_file}.gin"], [])
+    if mesh_file == "single":
+        gin.bind_parameter("mesh.data", 8)  # this test process has 8 CPU devices
+    mesh, rules = train.mesh()
+    assert mesh.devices.size == 8 and rules
