@@ -19,6 +19,7 @@ continues on another.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -54,11 +55,7 @@ class TrainCheckpoints:
         if every_steps:
             policies.append(_policies.FixedIntervalPolicy(int(every_steps)))
         if every_minutes:
-            policies.append(
-                _policies.ContinuousCheckpointingPolicy(
-                    minimum_interval_secs=int(every_minutes * 60)
-                )
-            )
+            policies.append(_EveryMinutes(every_minutes))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -113,6 +110,31 @@ class TrainCheckpoints:
             params=ocp.args.StandardSave(state.params),
             state=ocp.args.StandardSave(_rest(state)),
         )
+
+
+@dataclasses.dataclass
+class _StartTime:
+    step: int
+    time: datetime.datetime
+    metrics: dict | None = None
+
+
+class _EveryMinutes:
+    """Saves when `minutes` have passed since the last save or, before any, since start.
+
+    Orbax's continuous policy alone would save at the first step of every run; the
+    primary host decides and broadcasts, so all hosts agree.
+    """
+
+    def __init__(self, minutes: float):
+        self.inner = _policies.ContinuousCheckpointingPolicy(
+            minimum_interval_secs=max(1, int(minutes * 60))
+        )
+        self.start = _StartTime(-1, datetime.datetime.now(tz=datetime.timezone.utc))
+
+    def should_save(self, step, previous_steps, *, context) -> bool:
+        return self.inner.should_save(step, list(previous_steps) or [self.start],
+                                      context=context)
 
 
 def _rest(state: TrainState) -> dict:

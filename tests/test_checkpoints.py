@@ -73,3 +73,22 @@ def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
     steps = [r["step"] for r in metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_time_policy_waits_its_interval_from_the_start(tmp_path):
+    import time
+
+    import jax.numpy as jnp
+
+    from mtllama_jax import train_state
+
+    state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3),
+                               jax.random.key(0))
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=None, every_minutes=1 / 60)
+    assert not ckpt.maybe_save(1, state)  # not at the first step of a run
+    time.sleep(1.1)
+    assert ckpt.maybe_save(2, state)
+    ckpt.wait()
+    assert not ckpt.maybe_save(3, state)
+    ckpt.close()
+    assert list(ckpt.all_steps()) == [2]
