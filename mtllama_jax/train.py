@@ -365,8 +365,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     search = [p for p in args.gin_search_paths.split(",") if p]
     parse_gin(args.gin_file, args.gin_bindings, search)
     reason = train()
-    print(f"mtllama-train: {reason}", file=sys.stderr)
-    return {"done": 0, "preempted": 0}.get(reason, 1)
+    messages = {
+        "done": "finished",
+        "preempted": "stopped by a signal; the current step is saved, rerun to continue",
+        "nonfinite": "stopped on a non-finite loss or gradient (train.nonfinite='stop'); "
+        "the last good state is saved",
+    }
+    print(f"mtllama-train: {messages[reason]}", file=sys.stderr)
+    return 1 if reason == "nonfinite" else 0
 
 
 if __name__ == "__main__":
