@@ -47,6 +47,9 @@ def test_restore_onto_another_mesh_keep_k_and_partial_steps(tmp_path):
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                         restored, state)
     assert all(jax.tree.leaves(same))
+    params = checkpoints.restore_params(str(tmp_path), 6, tp.abstract_restore_target().params)
+    assert np.array_equal(np.asarray(params["embed"]["embedding"]),
+                          np.asarray(state.params["embed"]["embedding"]))
 
 
 def test_model_dir_of_another_model_is_refused_showing_both(tmp_path):
