@@ -223,7 +223,8 @@ def train(
       eval_every_steps: period of validation loss and of the zero-shot hook (0: never).
       validation_split: split of the mixture for teacher-forced validation loss (None: off).
       validation_batches: batches per validation.
-      tokenizer_files: files copied into MODEL_DIR (tokenizer.model, ...).
+      tokenizer_files: files copied into MODEL_DIR; by default the SentencePiece model
+        of the mixture's vocabulary.
     """
     from mtllama_jax import data  # seqio and TF: only the entry point needs them
 
@@ -265,7 +266,8 @@ def train(
         checkpoint_every_minutes=checkpoint_every_minutes, keep_checkpoints=keep_checkpoints,
         log_every_steps=log_every_steps, eval_every_steps=eval_every_steps,
         validation=validation, eval_hook=zero_shot_hook(config, mesh_and_rules),
-        sequence_length=sequence_length, tokenizer_files=tokenizer_files,
+        sequence_length=sequence_length,
+        tokenizer_files=tokenizer_files or _vocabulary_files(mixture_or_task_name),
         gin_config=gin.config_str(),
     )
     return reason
@@ -274,6 +276,18 @@ def train(
 def _take(iterable, n):
     for _, item in zip(range(n), iterable):
         yield item
+
+
+def _vocabulary_files(name: str) -> list[str]:
+    """The SentencePiece model file(s) behind the mixture's output features."""
+    import seqio
+
+    files = []
+    for feature in seqio.get_mixture_or_task(name).output_features.values():
+        path = getattr(feature.vocabulary, "sentencepiece_model_file", None)
+        if path and path not in files:
+            files.append(path)
+    return files
 
 
 def _no_data_message(name: str, split: str) -> str:
