@@ -2,7 +2,8 @@
 
 Outputs and q/k/v gradients for causal and full attention, packed segment ids,
 grouped-query heads (4:1, 8:1), odd lengths (1, 17, 300), head_dim 64 and 128,
-fp32 and bf16; block skipping; sharded runs on 8 host devices; bad input.
+fp32 and bf16; block skipping; sharded runs on 8 host devices; bad input; and
+the Mosaic TPU kernels in TPU interpret mode.
 """
 import functools
 
@@ -70,6 +71,18 @@ def test_bf16_matches_fp32_reference(seq, kv_heads, head_dim, causal):
   up = lambda x: x.astype(jnp.float32)
   want = value_and_grads(reference_attention, up(q), up(k), up(v), up(do), seg, causal)
   assert_close(got, want, 2e-2)
+
+
+@pytest.mark.parametrize("seq,heads,kv_heads,head_dim,causal", [(300, 4, 2, 64, True),
+                                                                (17, 2, 1, 128, False)])
+def test_tpu_kernels_in_tpu_interpret_mode(seq, heads, kv_heads, head_dim, causal):
+  """The Mosaic TPU kernels (untested on TPU hardware here) compute the same function."""
+  q, k, v, do, seg = make_inputs(1, seq, heads, kv_heads, head_dim, jnp.float32, True, seed=5)
+  attn = functools.partial(flash_attention, backend="tpu_interpret",
+                           block_sizes={"block_k": 256, "block_q_dkv": 256})
+  got = value_and_grads(attn, q, k, v, do, seg, causal)
+  want = value_and_grads(reference_attention, q, k, v, do, seg, causal)
+  assert_close(got, want, 2e-5)
 
 
 def test_unequal_block_sizes():

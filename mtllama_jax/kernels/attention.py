@@ -21,12 +21,14 @@ from mtllama_jax.kernels.validation import check_head_dim, check_inputs
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 # Backends each platform (jax.default_backend()) can run.
+# 'interpret' runs the Triton kernels and 'tpu_interpret' the Mosaic TPU kernels in Pallas'
+# interpreter: slow, for tests on any platform.
 PLATFORM_BACKENDS = {
-    "gpu": ("triton", "interpret"),
-    "cuda": ("triton", "interpret"),
-    "rocm": ("triton", "interpret"),
-    "tpu": ("tpu", "interpret"),
-    "cpu": ("interpret",),
+    "gpu": ("triton", "interpret", "tpu_interpret"),
+    "cuda": ("triton", "interpret", "tpu_interpret"),
+    "rocm": ("triton", "interpret", "tpu_interpret"),
+    "tpu": ("tpu", "interpret", "tpu_interpret"),
+    "cpu": ("interpret", "tpu_interpret"),
 }
 
 
@@ -62,12 +64,13 @@ DEFAULT_BLOCKS = {
     "tpu": BlockSizes(block_q=512, block_k=512, block_q_dq=512, block_k_dq=512,
                       block_q_dkv=512, block_k_dkv=512),
 }
+DEFAULT_BLOCKS["tpu_interpret"] = DEFAULT_BLOCKS["tpu"]
 # fp32 tiles take twice the shared memory: smaller blocks, shallower pipelines.
 DEFAULT_BLOCKS_FP32 = {"triton": BlockSizes(block_q=64, block_k=64, num_warps_fwd=4,
                                             num_stages_fwd=2)}
-MIN_BLOCK = {"triton": 16, "interpret": 8, "tpu": 128}
+MIN_BLOCK = {"triton": 16, "interpret": 8, "tpu": 128, "tpu_interpret": 128}
 HEAD_DIMS = {"triton": triton_kernels.HEAD_DIMS, "interpret": triton_kernels.HEAD_DIMS,
-             "tpu": tpu_kernels.HEAD_DIMS}
+             "tpu": tpu_kernels.HEAD_DIMS, "tpu_interpret": tpu_kernels.HEAD_DIMS}
 
 
 def pick_backend(backend=None):
@@ -112,14 +115,15 @@ class _Static:
 
   def run_forward(self, q, k, v, seg):
     kw = dict(causal=self.causal, sm_scale=self.sm_scale, kv_len=self.kv_len, blocks=self.blocks)
-    if self.backend == "tpu":
-      return tpu_kernels.forward(q, k, v, seg, **kw)
+    if self.backend.startswith("tpu"):
+      return tpu_kernels.forward(q, k, v, seg, interpret=self.backend == "tpu_interpret", **kw)
     return triton_kernels.forward(q, k, v, seg, interpret=self.backend == "interpret", **kw)
 
   def run_backward(self, q, k, v, seg, out, lse, do):
     kw = dict(causal=self.causal, sm_scale=self.sm_scale, kv_len=self.kv_len, blocks=self.blocks)
-    if self.backend == "tpu":
-      return tpu_kernels.backward(q, k, v, seg, out, lse, do, **kw)
+    if self.backend.startswith("tpu"):
+      return tpu_kernels.backward(q, k, v, seg, out, lse, do,
+                                  interpret=self.backend == "tpu_interpret", **kw)
     return triton_kernels.backward(q, k, v, seg, out, lse, do,
                                    interpret=self.backend == "interpret", **kw)
 
@@ -181,7 +185,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
   segment_ids [b, s] int: queries see only keys with the same id (packing);
   causal: query i sees keys j <= i; sm_scale defaults to head_dim ** -0.5;
   block_sizes: a `BlockSizes` or a dict of its fields to override;
-  backend: 'triton', 'tpu' or 'interpret' (default: the platform's own).
+  backend: 'triton', 'tpu', 'interpret' or 'tpu_interpret' (default: the platform's own).
   Returns [b, s, h, d] in q's dtype; differentiable in q, k and v.
   """
   check_inputs(q, k, v, segment_ids)
