@@ -26,6 +26,7 @@ LOG2E = math.log2(math.e)
 # Finite so that a fully masked row gives exp2(0) instead of NaN; far below any real score.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 HEAD_DIMS = (16, 32, 64, 128, 256)
+_SQ = pl.squeezed  # a block dimension of size 1 that the kernel does not see
 
 
 def _dot(a, b, trans_b=False, precision=None):
@@ -108,21 +109,21 @@ def forward(q, k, v, seg, *, causal, sm_scale, kv_len, blocks, interpret):
       _fwd_kernel, causal=causal, scale2=sm_scale * LOG2E, block_k=bk, kv_len=kv_len,
       padded=kv_len != s, has_seg=has_seg, precision=_precision(q.dtype))
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-      pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-      pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+      pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((_SQ, s, _SQ, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+      pl.BlockSpec((_SQ, s, _SQ, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
   ]
   args = [q, k, v]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-                 pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))]
+    in_specs += [pl.BlockSpec((_SQ, bq), lambda i, bi, hi: (bi, i)),
+                 pl.BlockSpec((_SQ, s), lambda i, bi, hi: (bi, 0))]
     args += [seg, seg]
   return pl.pallas_call(
       kernel,
       grid=(s // bq, b, h),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+      out_specs=[pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                 pl.BlockSpec((_SQ, _SQ, bq), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
       compiler_params=_params(blocks.num_warps_fwd, blocks.num_stages_fwd, interpret),
@@ -236,22 +237,22 @@ def backward(q, k, v, seg, out, lse, do, *, causal, sm_scale, kv_len, blocks, in
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
   row = lambda i, bi, hi: (bi, i, hi, 0)
   full_kv = lambda i, bi, hi: (bi, 0, hi // group, 0)
-  in_specs = [pl.BlockSpec((None, bq, None, d), row),
-              pl.BlockSpec((None, s, None, d), full_kv),
-              pl.BlockSpec((None, s, None, d), full_kv),
-              pl.BlockSpec((None, bq, None, d), row),
-              pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
-              pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))]
+  in_specs = [pl.BlockSpec((_SQ, bq, _SQ, d), row),
+              pl.BlockSpec((_SQ, s, _SQ, d), full_kv),
+              pl.BlockSpec((_SQ, s, _SQ, d), full_kv),
+              pl.BlockSpec((_SQ, bq, _SQ, d), row),
+              pl.BlockSpec((_SQ, _SQ, bq), lambda i, bi, hi: (bi, hi, i)),
+              pl.BlockSpec((_SQ, _SQ, bq), lambda i, bi, hi: (bi, hi, i))]
   args = [q, k, v, do, lse, delta]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-                 pl.BlockSpec((None, s), lambda i, bi, hi: (bi, 0))]
+    in_specs += [pl.BlockSpec((_SQ, bq), lambda i, bi, hi: (bi, i)),
+                 pl.BlockSpec((_SQ, s), lambda i, bi, hi: (bi, 0))]
     args += [seg, seg]
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_k=bk, **common),
       grid=(s // bq, b, h),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, bq, None, d), row),
+      out_specs=pl.BlockSpec((_SQ, bq, _SQ, d), row),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(blocks.num_warps_bwd, blocks.num_stages_bwd, interpret),
       interpret=interpret,
@@ -262,21 +263,21 @@ def backward(q, k, v, seg, out, lse, do, *, causal, sm_scale, kv_len, blocks, in
   kv_row = lambda j, bi, ki: (bi, j, ki, 0)
   group_rows = lambda j, bi, ki: (bi, 0, ki, 0)
   group_stats = lambda j, bi, ki: (bi, ki, 0)
-  in_specs = [pl.BlockSpec((None, s, group, d), group_rows),
-              pl.BlockSpec((None, bk, None, d), kv_row),
-              pl.BlockSpec((None, bk, None, d), kv_row),
-              pl.BlockSpec((None, s, group, d), group_rows),
-              pl.BlockSpec((None, group, s), group_stats),
-              pl.BlockSpec((None, group, s), group_stats)]
+  in_specs = [pl.BlockSpec((_SQ, s, group, d), group_rows),
+              pl.BlockSpec((_SQ, bk, _SQ, d), kv_row),
+              pl.BlockSpec((_SQ, bk, _SQ, d), kv_row),
+              pl.BlockSpec((_SQ, s, group, d), group_rows),
+              pl.BlockSpec((_SQ, group, s), group_stats),
+              pl.BlockSpec((_SQ, group, s), group_stats)]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, s), lambda j, bi, ki: (bi, 0)),
-                 pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j))]
+    in_specs += [pl.BlockSpec((_SQ, s), lambda j, bi, ki: (bi, 0)),
+                 pl.BlockSpec((_SQ, bk), lambda j, bi, ki: (bi, j))]
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=bq, **common),
       grid=(s // bk, b, kv_heads),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bk, None, d), kv_row),
-                 pl.BlockSpec((None, bk, None, d), kv_row)],
+      out_specs=[pl.BlockSpec((_SQ, bk, _SQ, d), kv_row),
+                 pl.BlockSpec((_SQ, bk, _SQ, d), kv_row)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_params(blocks.num_warps_bwd, blocks.num_stages_bwd, interpret),
