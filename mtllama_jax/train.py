@@ -365,7 +365,10 @@ def _bindable_names() -> list[str]:
             params = inspect.signature(configurable.wrapped).parameters
         except (TypeError, ValueError):
             continue
-        names += [f"{short}.{p}" for p in params if p not in ("self", "args", "kwargs")]
+        hidden = {"self", "args", "kwargs", *(configurable.denylist or ())}
+        allowed = configurable.allowlist
+        names += [f"{short}.{p}" for p in params
+                  if p not in hidden and (not allowed or p in allowed)]
     return names
 
 
@@ -377,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     search = [p for p in args.gin_search_paths.split(",") if p]
-    parse_gin(args.gin_file, args.gin_bindings, search)
+    try:
+        parse_gin(args.gin_file, args.gin_bindings, search)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtllama-train: error: {e}", file=sys.stderr)
+        return 2
     reason = train()
     messages = {
         "done": "finished",

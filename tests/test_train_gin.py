@@ -60,3 +60,10 @@ def test_mesh_files_build_meshes(mesh_file):
         gin.bind_parameter("mesh.data", 8)  # this test process has 8 CPU devices
     mesh, rules = train.mesh()
     assert mesh.devices.size == 8 and rules
+
+
+def test_cli_reports_a_bad_binding_without_a_traceback(capsys):
+    assert train.main(["--gin_file=runs/finetune.gin", "--gin.optimizer.num_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown gin binding 'optimizer.num_step'" in err
+    assert "optimizer.num_steps" not in err  # set by train, not bindable
