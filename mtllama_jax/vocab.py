@@ -1,0 +1,107 @@
+"""A seqio vocabulary for a LLaMA SentencePiece `tokenizer.model`.
+
+LLaMA's ids are unk 0, bos 1, eos 2. seqio pads with id 0, which is LLaMA's
+`<unk>`: a padded position and a real `<unk>` share an id, so this project never
+derives masks from `token != 0`. Segment ids and loss weights come from example
+lengths (`mtllama_jax.data`), and a real `<unk>` in a response keeps its loss.
+
+MT-LLaMA's released code changed two things, offered here by `mtllama_quirks`:
+it added a `[PAD]` token as id 32000 (vocabulary 32001, the size of its
+checkpoints), and it set the tokenizer's BOS to `</s>`, so its sequences begin
+with id 2 rather than 1.
+"""
+
+from __future__ import annotations
+
+import seqio
+import tensorflow as tf
+
+LLAMA_IDS = {"unk": 0, "bos": 1, "eos": 2}
+MTLLAMA_PAD_PIECE = "[PAD]"
+
+
+class LlamaVocabulary(seqio.SentencePieceVocabulary):
+    """seqio vocabulary over a LLaMA `tokenizer.model` (unk 0, bos 1, eos 2).
+
+    Args:
+      sentencepiece_model_file: path of the LLaMA SentencePiece model.
+      mtllama_quirks: reproduce MT-LLaMA's tokenizer: `[PAD]` as the id after the
+        SentencePiece pieces (32000 for LLaMA, `vocab_size` 32001) and BOS written
+        as `</s>` (`bos_id` == `eos_id` == 2).
+      extra_ids: sentinel ids appended by seqio (not with `mtllama_quirks`, whose
+        `[PAD]` must stay at the id right after the pieces).
+
+    `pad_id` stays seqio's 0 (LLaMA's `<unk>`): batches pad with 0 whatever the
+    option; `pad_token_id` is MT-LLaMA's `[PAD]` id (None without the quirks).
+    Text never encodes to `[PAD]`; decoding drops it.
+    """
+
+    def __init__(self, sentencepiece_model_file: str, *, mtllama_quirks: bool = False,
+                 extra_ids: int = 0):
+        if mtllama_quirks and extra_ids:
+            raise ValueError(
+                f"LlamaVocabulary({sentencepiece_model_file!r}): mtllama_quirks=True puts "
+                f"[PAD] right after the SentencePiece pieces, so extra_ids must be 0 "
+                f"(got {extra_ids})"
+            )
+        self._mtllama_quirks = bool(mtllama_quirks)
+        self._checked = False
+        super().__init__(sentencepiece_model_file, extra_ids=extra_ids)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_checked", None)  # a cache flag: equal vocabularies compare equal
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._checked = False
+
+    def _model_context(self):
+        context = super()._model_context()
+        if not self._checked:
+            self._check_ids(context.tokenizer)
+            self._checked = True
+        return context
+
+    def _check_ids(self, tokenizer) -> None:
+        got = {"unk": tokenizer.unk_id(), "bos": tokenizer.bos_id(), "eos": tokenizer.eos_id()}
+        if got != LLAMA_IDS:
+            raise ValueError(
+                f"{self.sentencepiece_model_file} is not a LLaMA tokenizer.model: its "
+                f"special ids are {got}, LLaMA's are {LLAMA_IDS}. A T5-style model "
+                f"(pad 0, eos 1, unk 2) goes with seqio.SentencePieceVocabulary instead."
+            )
+
+    @property
+    def mtllama_quirks(self) -> bool:
+        return self._mtllama_quirks
+
+    @property
+    def bos_id(self) -> int:
+        """Id that starts every sequence: 1, or 2 (`</s>`) with MT-LLaMA's quirks."""
+        return self.eos_id if self._mtllama_quirks else self.tokenizer.bos_id()
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """MT-LLaMA's `[PAD]` id (32000 for LLaMA) with the quirks, else None."""
+        return self.tokenizer.GetPieceSize() if self._mtllama_quirks else None
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.tokenizer.GetPieceSize() + int(self._mtllama_quirks)
+
+    def _decode(self, ids):
+        pad = self.pad_token_id
+        return super()._decode([i for i in ids if int(i) != pad])
+
+    def _decode_tf(self, ids):
+        pad = self.pad_token_id
+        if pad is not None:
+            # The SentencePiece BOS is a control piece: it decodes to nothing.
+            ids = tf.where(tf.equal(ids, pad), tf.cast(self.tokenizer.bos_id(), ids.dtype), ids)
+        return super()._decode_tf(ids)
+
+    def __str__(self) -> str:
+        return (f"LlamaVocabulary(file={self.sentencepiece_model_file}, "
+                f"mtllama_quirks={self._mtllama_quirks}, extra_ids={self._extra_ids})")

@@ -1,0 +1,84 @@
+"""LlamaVocabulary on a real SentencePiece model trained here with LLaMA's ids."""
+import io
+import pickle
+import random
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import tensorflow as tf
+
+from mtllama_jax.vocab import LlamaVocabulary
+
+WORDS = (
+    "the a question answer context premise hypothesis yes no maybe review product movie "
+    "sentence because consequence option choice human assistant user response instruction "
+    "chat curious artificial intelligence helpful detailed polite summary article title"
+).split()
+
+
+def train_llama_spm(path, *, ids=(0, 1, 2), vocab_size=512) -> str:
+    """Train a small BPE model with byte fallback and LLaMA's unk/bos/eos ids."""
+    rng = random.Random(0)
+    lines = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24)))
+        + " ### Human: ### Assistant: ### USER: ### ASSISTANT: ### Response: 0123456789."
+        for _ in range(400)
+    ]
+    out = io.BytesIO()
+    unk, bos, eos = ids
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
+        model_type="bpe", unk_id=unk, bos_id=bos, eos_id=eos, pad_id=-1,
+        byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    path.write_bytes(out.getvalue())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    return train_llama_spm(tmp_path_factory.mktemp("spm") / "tokenizer.model")
+
+
+def test_llama_ids_and_round_trip(spm_file):
+    vocab = LlamaVocabulary(spm_file)
+    size = vocab.tokenizer.GetPieceSize()
+    assert (vocab.unk_id, vocab.bos_id, vocab.eos_id, vocab.pad_id) == (0, 1, 2, 0)
+    assert vocab.vocab_size == size and vocab.pad_token_id is None
+    text = "the premise é because yes"
+    ids = vocab.encode(text)
+    assert ids[0] not in (1, 2) and vocab.decode(ids) == text
+    tf_ids = vocab.encode_tf(tf.constant(text)).numpy().tolist()
+    assert tf_ids == list(ids)
+    assert vocab.decode_tf(tf.constant(ids, tf.int32)).numpy().decode() == text
+
+
+def test_mtllama_quirks(spm_file):
+    vocab = LlamaVocabulary(spm_file, mtllama_quirks=True)
+    size = vocab.tokenizer.GetPieceSize()
+    assert vocab.pad_token_id == size and vocab.vocab_size == size + 1
+    assert vocab.bos_id == vocab.eos_id == 2 and vocab.pad_id == 0
+    ids = list(vocab.encode("yes no")) + [size]
+    assert vocab.decode(ids) == "yes no"
+    assert vocab.decode_tf(tf.constant(ids, tf.int32)).numpy().decode() == "yes no"
+    assert vocab != LlamaVocabulary(spm_file)
+    assert pickle.loads(pickle.dumps(vocab)) == vocab
+
+
+def test_unk_is_a_real_token_not_padding(spm_file):
+    vocab = LlamaVocabulary(spm_file)
+    # The decoder maps <unk> (id 0) to " ⁇ ", so 0 is a token with a meaning.
+    assert "⁇" in vocab.decode([0]) and np.int32(vocab.unk_id) == vocab.pad_id
+
+
+def test_t5_style_model_is_rejected(tmp_path):
+    t5_like = train_llama_spm(tmp_path / "t5.model", ids=(2, 3, 1))
+    with pytest.raises(ValueError, match=r"t5.model is not a LLaMA tokenizer.model"):
+        _ = LlamaVocabulary(t5_like).eos_id
+
+
+def test_quirks_with_extra_ids_is_rejected(spm_file):
+    with pytest.raises(ValueError, match="extra_ids must be 0"):
+        LlamaVocabulary(spm_file, mtllama_quirks=True, extra_ids=4)
