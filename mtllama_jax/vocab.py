@@ -13,11 +13,16 @@ with id 2 rather than 1.
 
 from __future__ import annotations
 
+import functools
+import os
+
+import gin
 import seqio
 import tensorflow as tf
 
 LLAMA_IDS = {"unk": 0, "bos": 1, "eos": 2}
-MTLLAMA_PAD_PIECE = "[PAD]"
+TOKENIZER_ENV = "MTLLAMA_TOKENIZER"
+QUIRKS_ENV = "MTLLAMA_QUIRKS"
 
 
 class LlamaVocabulary(seqio.SentencePieceVocabulary):
@@ -80,16 +85,16 @@ class LlamaVocabulary(seqio.SentencePieceVocabulary):
     @property
     def bos_id(self) -> int:
         """Id that starts every sequence: 1, or 2 (`</s>`) with MT-LLaMA's quirks."""
-        return self.eos_id if self._mtllama_quirks else self.tokenizer.bos_id()
+        return self.eos_id if self.mtllama_quirks else self.tokenizer.bos_id()
 
     @property
     def pad_token_id(self) -> int | None:
         """MT-LLaMA's `[PAD]` id (32000 for LLaMA) with the quirks, else None."""
-        return self.tokenizer.GetPieceSize() if self._mtllama_quirks else None
+        return self.tokenizer.GetPieceSize() if self.mtllama_quirks else None
 
     @property
     def _base_vocab_size(self) -> int:
-        return self.tokenizer.GetPieceSize() + int(self._mtllama_quirks)
+        return self.tokenizer.GetPieceSize() + int(self.mtllama_quirks)
 
     def _decode(self, ids):
         pad = self.pad_token_id
@@ -105,3 +110,72 @@ class LlamaVocabulary(seqio.SentencePieceVocabulary):
     def __str__(self) -> str:
         return (f"LlamaVocabulary(file={self.sentencepiece_model_file}, "
                 f"mtllama_quirks={self._mtllama_quirks}, extra_ids={self._extra_ids})")
+
+
+@gin.configurable
+def tokenizer_settings(path: str | None = None, mtllama_quirks: bool | None = None):
+    """(tokenizer.model path, mtllama_quirks) of the registered tasks.
+
+    gin (`tokenizer_settings.path`, `tokenizer_settings.mtllama_quirks`) wins over
+    the environment (`MTLLAMA_TOKENIZER`, `MTLLAMA_QUIRKS=1`). Read when a task's
+    data is first tokenised, never at import.
+    """
+    path = path or os.environ.get(TOKENIZER_ENV)
+    if not path:
+        raise ValueError(
+            f"no LLaMA tokenizer configured for the registered tasks: set {TOKENIZER_ENV}="
+            f"/path/to/tokenizer.model or bind tokenizer_settings.path in gin"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"tokenizer {path} (from gin tokenizer_settings.path or {TOKENIZER_ENV}) does "
+            f"not exist; point it at the tokenizer.model of the LLaMA checkpoint"
+        )
+    if mtllama_quirks is None:
+        mtllama_quirks = os.environ.get(QUIRKS_ENV, "0").lower() in ("1", "true", "yes")
+    return path, bool(mtllama_quirks)
+
+
+class ConfiguredLlamaVocabulary(LlamaVocabulary):
+    """LlamaVocabulary whose file and quirks come from `tokenizer_settings` on first use.
+
+    Tasks are registered at import time, before gin is parsed; this lets them
+    carry a vocabulary whose location is decided later.
+    """
+
+    def __init__(self):
+        super().__init__("")
+        self._resolved = False
+
+    def _resolve(self) -> None:
+        if not self._resolved:
+            self._sentencepiece_model_file, self._mtllama_quirks = tokenizer_settings()
+            self._resolved = True
+
+    def _model_context(self):
+        self._resolve()
+        return super()._model_context()
+
+    @property
+    def sentencepiece_model_file(self) -> str:
+        self._resolve()
+        return self._sentencepiece_model_file
+
+    @property
+    def mtllama_quirks(self) -> bool:
+        self._resolve()
+        return self._mtllama_quirks
+
+    def __getstate__(self):
+        self._resolve()
+        return super().__getstate__()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._resolved = True
+
+
+@functools.cache
+def configured_vocabulary() -> ConfiguredLlamaVocabulary:
+    """The one vocabulary every registered task shares (so mixtures are compatible)."""
+    return ConfiguredLlamaVocabulary()

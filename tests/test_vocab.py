@@ -37,9 +37,15 @@ def train_llama_spm(path, *, ids=(0, 1, 2), vocab_size=512) -> str:
     return str(path)
 
 
+def session_spm(tmp_path_factory) -> str:
+    """One tokenizer.model per test session, shared by the data test modules."""
+    path = tmp_path_factory.getbasetemp() / "llama_tokenizer.model"
+    return str(path) if path.exists() else train_llama_spm(path)
+
+
 @pytest.fixture(scope="module")
 def spm_file(tmp_path_factory):
-    return train_llama_spm(tmp_path_factory.mktemp("spm") / "tokenizer.model")
+    return session_spm(tmp_path_factory)
 
 
 def test_llama_ids_and_round_trip(spm_file):
