@@ -165,7 +165,8 @@ def evaluate_examples(
     progress: str | None = None,
 ) -> dict:
     """Both protocols on one task's examples (plain dicts of the task's features)."""
-    bos = decoder.config.bos_token_id
+    bos = getattr(vocabulary, "bos_id", None)
+    bos = decoder.config.bos_token_id if bos is None else int(bos)
     prompts = []
     for ex in examples:
         ids = list(ex["inputs"])
@@ -187,7 +188,7 @@ def evaluate_examples(
         outputs, truncated = _generate_all(decoder, params, vocabulary, prompts, options, progress)
         result["truncated_prompts"] = truncated
         if is_qa:
-            result["generate"] = _qa_scores(outputs, answers, predictions)
+            result["generate"] = qa_scores(outputs, answers, predictions)
         else:
             result["generate"] = _choice_scores(
                 outputs, choices, labels, has_choices, zero_shot_set, predictions
@@ -246,13 +247,19 @@ def _choice_scores(outputs, choices, labels, has_choices, zero_shot_set, predict
     }
 
 
-def _qa_scores(outputs, answers, predictions):
+def qa_scores(outputs: Sequence[str], answers: Sequence[Sequence[str]], predictions=None):
+    """SQuAD v1.1 F1/EM (x100, max over gold answers) of generated outputs.
+
+    The released code's rule first: an output containing "None" is an empty
+    answer. Examples without gold answers are left out.
+    """
     from t5.evaluation import metrics  # SQuAD v1.1's official normalisation
 
     golds, preds = [], []
     for i, text in enumerate(outputs):
         span = answer_matching.qa_prediction(text)
-        predictions[i].update(output=text, span=span)
+        if predictions is not None:
+            predictions[i].update(output=text, span=span)
         if answers[i]:
             golds.append(answers[i])
             preds.append(span)
