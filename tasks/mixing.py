@@ -79,7 +79,8 @@ def register_mixture(name: str, tasks: Sequence[str],
 
     For gin: `train.mixture_or_task_name = @register_mixture()` with
     `register_mixture.tasks = [...]` and `register_mixture.rate = @equal`. A task
-    that is itself a mixture contributes its tasks, each at `rate`.
+    that is itself a mixture contributes its tasks, each at `rate`. Rates are
+    computed here (a user task's file is counted here, not at import).
     """
     if name in seqio.MixtureRegistry.names():
         return name
@@ -88,5 +89,7 @@ def register_mixture(name: str, tasks: Sequence[str],
         provider = seqio.get_mixture_or_task(t)
         names = [s.name for s in provider.tasks] if isinstance(provider, seqio.Mixture) else [t]
         flat.extend(n for n in names if n not in flat)
-    seqio.MixtureRegistry.add(name, [(t, rate) for t in flat])
+    # Rates are computed now, while gin's bindings of `rate` are in force.
+    rates = [rate(seqio.get_mixture_or_task(t)) if callable(rate) else rate for t in flat]
+    seqio.MixtureRegistry.add(name, list(zip(flat, rates)))
     return name
