@@ -1,0 +1,224 @@
+"""`mtllama-eval`: zero-shot evaluation of a checkpoint, gin-configured (T5X-style flags).
+
+    mtllama-eval --gin_file=mesh/single.gin --gin_file=runs/eval.gin \\
+        --gin.CHECKPOINT="'/ckpt/mt-llama-7b'" --gin.EVAL_OUTPUT_DIR="'/tmp/eval'"
+
+Flags: `--gin_file` (repeatable; looked up in `--gin_search_paths`, then the
+package's `gin/`), `--gin.NAME=VALUE` (repeatable). Gin binds
+`evaluate_checkpoint` (what to evaluate and how) and `mesh` (as for training).
+Writes `results.json`, `results.md` (model-card tables) and `results.png` to the
+output folder and prints the tables.
+
+A checkpoint is a folder with `config.json` and `tokenizer.model`: a training
+MODEL_DIR (its latest step, or `step`) or a converted folder (`mtllama-convert
+hf-to-jax`). The registered tasks are tokenised with that `tokenizer.model`.
+`zero_shot_evaluator` is the same evaluation as the training loop's hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Sequence
+
+import gin
+import jax
+
+from mtllama_jax import evaluation, reports
+from mtllama_jax.config import LlamaConfig
+
+REQUIRED_FILES = {
+    "config.json": "the model's Hugging Face config (written by mtllama-train and mtllama-convert)",
+    "tokenizer.model": "the LLaMA SentencePiece model the checkpoint was trained with",
+}
+
+
+def check_checkpoint_folder(folder: str) -> None:
+    """Raises FileNotFoundError naming each missing file of a checkpoint folder."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    for name, what in REQUIRED_FILES.items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: a checkpoint folder needs {name} ({what}); copy it from "
+                "the model this checkpoint came from"
+            )
+
+
+def load_config(folder: str) -> LlamaConfig:
+    """The LlamaConfig of a checkpoint folder (HF fields plus this project's own)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    own = hf.get("mtllama_jax", {})
+    return LlamaConfig.from_hf(hf, **own)
+
+
+def open_checkpoint(folder: str, mesh, rules, step: int | None = None):
+    """(config, params on the mesh, tokenizer path) of a checkpoint folder."""
+    import flax.linen as nn
+
+    from mtllama_jax import checkpoints, partitioning
+
+    check_checkpoint_folder(folder)
+    config = load_config(folder)
+    shardings = partitioning.param_shardings(config, mesh, rules)
+    if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(folder), "checkpoints"),
+            options=ocp.CheckpointManagerOptions(read_only=True),
+        )
+        latest = manager.latest_step()
+        manager.close()
+        if latest is None:
+            raise FileNotFoundError(f"{folder}/checkpoints holds no finished step to evaluate")
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.unbox(partitioning.abstract_params(config)), shardings,
+        )
+        params = checkpoints.restore_params(folder, latest if step is None else step, target)
+    else:
+        from mtllama_jax import checkpoint_folder
+
+        params = checkpoint_folder.load_params(folder, shardings)
+    return config, params, os.path.join(folder, "tokenizer.model")
+
+
+def checkpoint_vocabulary(tokenizer_path: str):
+    """The registered tasks' vocabulary, pointed at the checkpoint's tokenizer.model."""
+    from mtllama_jax import vocab
+
+    os.environ[vocab.TOKENIZER_ENV] = tokenizer_path  # gin's tokenizer_settings.path wins
+    return vocab.configured_vocabulary()
+
+
+@gin.configurable
+def evaluate_checkpoint(
+    checkpoint: str = gin.REQUIRED,
+    mixture_or_task_names: Sequence[str] = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    step: int | None = None,
+    label: str | None = None,
+    protocols: Sequence[str] = evaluation.PROTOCOLS,
+    split: str = "validation",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    max_examples: int | None = None,
+    fail_on_missing: bool = False,
+    keep_predictions: bool = True,
+):
+    """The evaluation job (gin/runs/eval.gin). Returns the results dict.
+
+    Args:
+      checkpoint: a folder with config.json and tokenizer.model (see the module doc).
+      mixture_or_task_names: seqio tasks or mixtures (zeroshot_all, t0_eval_score, ...).
+      output_dir: where results.json, results.md and results.png go.
+      step: the training step of a MODEL_DIR to evaluate (None: the latest).
+      label: the row label in the tables (default: the checkpoint folder's name).
+      protocols: any of "generate" (greedy, matched) and "rank" (log-likelihood).
+      split: the tasks' split to evaluate.
+      batch_size: prompts (generate) or prompt-choice pairs (rank) per device batch.
+      max_new_tokens: generation budget; MT-LLaMA's evaluation used 64.
+      max_examples: at most this many examples per task (None: all).
+      fail_on_missing: a task whose data is not on disk is an error instead of skipped.
+      keep_predictions: store each example's output, picks and log-likelihoods.
+    """
+    from mtllama_jax.train import mesh
+
+    mesh_, rules = mesh()
+    config, params, tokenizer = open_checkpoint(checkpoint, mesh_, rules, step)
+    options = evaluation.EvalOptions(
+        protocols=tuple(protocols), split=split, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, max_examples=max_examples,
+        fail_on_missing=fail_on_missing, keep_predictions=keep_predictions,
+    )
+    results = evaluation.evaluate(
+        params, config, checkpoint_vocabulary(tokenizer), mixture_or_task_names, options,
+        mesh=mesh_, rules=rules, progress=True,
+    )
+    results["checkpoint"] = os.path.abspath(checkpoint)
+    results["label"] = label or os.path.basename(os.path.normpath(checkpoint))
+    if jax.process_index() == 0:
+        write_outputs(results, output_dir, results["label"])
+    return results
+
+
+def write_outputs(results: dict, output_dir: str, label: str) -> str:
+    """results.json, results.md and results.png (each written atomically); returns the tables."""
+    os.makedirs(output_dir, exist_ok=True)
+    table = reports.markdown_report({label: results})
+    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1))
+    _atomic_write(os.path.join(output_dir, "results.md"), table)
+    if results["tasks"]:
+        reports.bar_chart({label: results}, os.path.join(output_dir, "results.png"))
+    return table
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@gin.configurable
+def zero_shot_evaluator(
+    mixture_or_task_names: Sequence[str] = gin.REQUIRED,
+    protocols: Sequence[str] = evaluation.PROTOCOLS,
+    split: str = "validation",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    max_examples: int | None = 200,
+):
+    """The training loop's zero-shot hook: `zero_shot_hook.evaluate = @zero_shot_evaluator()`.
+
+    Uses the registered tasks' vocabulary; arguments as for `evaluate_checkpoint`.
+    """
+    from mtllama_jax import vocab
+
+    options = evaluation.EvalOptions(
+        protocols=tuple(protocols), split=split, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, max_examples=max_examples,
+    )
+    return evaluation.train_hook(mixture_or_task_names, vocab.configured_vocabulary(), options)
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """--gin_file (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths."""
+    parser = argparse.ArgumentParser(prog="mtllama-eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    args, rest = parser.parse_known_args(argv)
+    args.gin_bindings = []
+    for item in rest:
+        if not item.startswith("--gin.") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
+        args.gin_bindings.append(item[len("--gin."):].replace("=", " = ", 1))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mtllama_jax.train import parse_gin
+
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
+
+    parse_gin(args.gin_file, args.gin_bindings,
+              [p for p in args.gin_search_paths.split(",") if p])
+    try:
+        results = evaluate_checkpoint()
+    except (FileNotFoundError, evaluation.MissingData) as e:
+        print(f"mtllama-eval: {e}", file=sys.stderr)
+        return 2
+    print(reports.markdown_report({results["label"]: results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
