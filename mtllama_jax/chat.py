@@ -1,0 +1,159 @@
+"""`mtllama-chat`: talk to a checkpoint, tokens streamed as they are produced.
+
+    mtllama-chat --checkpoint /ckpt/mt-llama-7b                      # REPL with history
+    mtllama-chat --checkpoint /ckpt/mt-llama-7b --prompt "Hi" --temperature 0.7 --top_p 0.9
+
+The REPL keeps the conversation: each turn is appended to the transcript in
+the wrapper's own layout (`mtllama`: `SYSTEM### Human: ...### Assistant: ...`),
+and the whole transcript is the next prompt (cut from the left when it outgrows
+the context). `/reset` starts over, `/quit` or end of input leaves. A reply
+ends at EOS, at the wrapper's next turn tag (`###`), or at `--max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Sequence
+
+import jax
+
+from mtllama_jax import decoding, partitioning
+
+
+class Conversation:
+    """A transcript in one prompt wrapper's layout, one (message, reply) turn at a time."""
+
+    def __init__(self, wrapper: str = "mtllama"):
+        from mtllama_jax import formats
+
+        self.wrapper = formats.get_wrapper(wrapper)
+        prefix, suffix = self.wrapper.prefix, self.wrapper.suffix
+        tag = prefix.rfind("###")
+        # Later turns repeat the turn tag without the system text; the whitespace the
+        # wrapper puts before its response tag also separates a reply from the next turn.
+        self.turn_prefix = prefix[tag:] if tag >= 0 else prefix
+        self.separator = suffix[: len(suffix) - len(suffix.lstrip())] if "###" in suffix else "\n"
+        self.stop_strings = ("###",) if tag >= 0 else ()
+        self.transcript = ""
+
+    def prompt(self, message: str) -> str:
+        """The text the model reads before replying to `message`."""
+        if not self.transcript:
+            return self.wrapper(message)
+        return self.transcript + self.separator + self.turn_prefix + message + self.wrapper.suffix
+
+    def add(self, message: str, reply: str) -> None:
+        self.transcript = self.prompt(message) + " " + reply.strip()
+
+    def reset(self) -> None:
+        self.transcript = ""
+
+
+class Chat:
+    """A loaded checkpoint, its tokenizer and a decoder; `reply` streams one turn."""
+
+    def __init__(self, checkpoint: str, *, mesh=(1, 1, 1), rules: str = "data",
+                 mtllama_quirks: bool = False):
+        from mtllama_jax.eval import open_checkpoint
+        from mtllama_jax.vocab import LlamaVocabulary
+
+        devices = jax.devices() if -1 in mesh else jax.devices()[: math.prod(mesh)]
+        self.mesh = partitioning.make_mesh(*mesh, devices=devices)
+        self.rules = partitioning.logical_axis_rules(rules)
+        self.config, self.params, tokenizer = open_checkpoint(checkpoint, self.mesh, self.rules)
+        self.vocab = LlamaVocabulary(tokenizer, mtllama_quirks=mtllama_quirks)
+        self.decoder = decoding.Decoder(self.config, self.mesh, self.rules)
+
+    def reply(self, prompt: str, sampling: decoding.Sampling, max_new_tokens: int,
+              stop_strings: Sequence[str], rng: jax.Array, out=None) -> str:
+        """Streams the reply to `prompt` to `out` (stdout) and returns its text."""
+        out = out or sys.stdout
+        ids = [self.vocab.bos_id] + list(self.vocab.encode(prompt))
+        eos = {self.config.eos_token_id, self.vocab.eos_id}
+
+        def stream(row, text):
+            out.write(text)
+            out.flush()
+
+        gen = self.decoder.generate(
+            self.params, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+            stop_token_ids=sorted(eos), stop_strings=stop_strings, detokenize=self.vocab.decode,
+            rng=rng, stream=stream,
+        )[0]
+        out.write("\n")
+        out.flush()
+        if gen.prompt_truncated:
+            print("[the conversation outgrew the context: its start was cut]", file=sys.stderr)
+        return gen.text
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mtllama-chat", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="folder with config.json, tokenizer.model and params")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--wrapper", default="mtllama",
+                        help="prompt wrapper: mtllama, mtllama_user, alpaca, raw")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="0: off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mesh", default="1,1,1",
+                        help="data,fsdp,tensor sizes (-1 once: the remaining devices)")
+    parser.add_argument("--rules", default="data", help="logical axis rules: data, fsdp, fsdp_tp")
+    parser.add_argument("--mtllama_quirks", action="store_true",
+                        help="MT-LLaMA's tokenizer: [PAD] 32000 and BOS written as </s>")
+    args = parser.parse_args(argv)
+    try:
+        args.mesh = tuple(int(x) for x in args.mesh.split(","))
+        assert len(args.mesh) == 3
+    except (ValueError, AssertionError):
+        parser.error(f"--mesh={args.mesh!r}: give three sizes data,fsdp,tensor, e.g. 1,-1,1")
+    try:
+        args.sampling = decoding.Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        conversation = Conversation(args.wrapper)
+        chat = Chat(args.checkpoint, mesh=args.mesh, rules=args.rules,
+                    mtllama_quirks=args.mtllama_quirks)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtllama-chat: {e}", file=sys.stderr)
+        return 2
+    rng = jax.random.key(args.seed)
+    if args.prompt is not None:
+        chat.reply(conversation.prompt(args.prompt), args.sampling, args.max_new_tokens,
+                   conversation.stop_strings, rng)
+        return 0
+    interactive = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            print("Human: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            conversation.reset()
+            continue
+        if not message.strip():
+            continue
+        if interactive:
+            print("MT-LLaMA: ", end="", flush=True)
+        turn += 1
+        reply = chat.reply(conversation.prompt(message), args.sampling, args.max_new_tokens,
+                           conversation.stop_strings, jax.random.fold_in(rng, turn))
+        conversation.add(message, reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

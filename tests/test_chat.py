@@ -1,0 +1,104 @@
+"""mtllama-chat: one-shot `--prompt` in a subprocess, REPL history, a bad checkpoint folder."""
+
+import io
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+import sentencepiece as spm
+
+from mtllama_jax import chat, checkpoints, decoding, train_state
+from mtllama_jax.chat import Conversation
+from mtllama_jax.config import LlamaConfig
+from mtllama_jax.formats import MTLLAMA_SYSTEM
+from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.vocab import LlamaVocabulary
+
+CONFIG = LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=384)
+WORDS = ["hello", "world", "river", "stone", "cloud", "answer", "question", "human"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A training MODEL_DIR: config.json, tokenizer.model and an Orbax checkpoint at step 3."""
+    folder = tmp_path_factory.mktemp("run")
+    lines = [" ".join(WORDS[(i + j * j) % len(WORDS)] for j in range(9)) for i in range(300)]
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "sp"),
+        vocab_size=CONFIG.vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    params = nn.unbox(LlamaForCausalLM(CONFIG).init(
+        jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"])
+    out = str(folder / "model")
+    checkpoints.write_model_dir_files(out, CONFIG, [str(folder / "sp.model")])
+    os.replace(os.path.join(out, "sp.model"), os.path.join(out, "tokenizer.model"))
+    ckpt = checkpoints.TrainCheckpoints(out, async_save=False)
+    ckpt.save(3, train_state.create(params, optax.sgd(0.1), jax.random.key(0)))
+    ckpt.wait()
+    ckpt.close()
+    return out, params
+
+
+def run_chat(*args, stdin=""):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "mtllama_jax.chat", *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_one_shot_prompt_prints_the_greedy_reply(model_dir):
+    folder, params = model_dir
+    vocab = LlamaVocabulary(os.path.join(folder, "tokenizer.model"))
+    prompt = [1] + list(vocab.encode(MTLLAMA_SYSTEM + "### Human: hello river### Assistant:"))
+    expect = decoding.Decoder(CONFIG).generate(
+        params, [prompt], max_new_tokens=8, stop_token_ids=[2], stop_strings=["###"],
+        detokenize=vocab.decode)[0].text
+    proc = run_chat("--checkpoint", folder, "--prompt", "hello river", "--max_new_tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expect + "\n"
+    assert "outgrew the context" not in proc.stderr
+    assert expect.strip()
+
+
+def test_repl_answers_each_line_and_stops_at_end_of_input(model_dir, monkeypatch, capsys):
+    folder, _ = model_dir
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nworld\n"))
+    code = chat.main(["--checkpoint", folder, "--max_new_tokens", "4", "--temperature", "0.8",
+                      "--top_k", "20"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "outgrew the context" not in captured.err
+
+
+def test_missing_tokenizer_is_named(model_dir, tmp_path, capsys):
+    folder, _ = model_dir
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+    assert chat.main(["--checkpoint", str(bad), "--prompt", "hi"]) == 2
+    assert f"{bad}/tokenizer.model is missing" in capsys.readouterr().err
+
+
+def test_bad_sampling_flag_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        chat.main(["--checkpoint", "x", "--top_p", "0"])
+    assert exit_.value.code == 2 and "top_p=0.0" in capsys.readouterr().err
+
+
+def test_history_follows_the_wrapper_layout():
+    conv = Conversation("mtllama")
+    first = conv.prompt("Hi")
+    assert first == MTLLAMA_SYSTEM + "### Human: Hi### Assistant:"
+    conv.add("Hi", " Hello! ")
+    assert conv.prompt("Bye") == first + " Hello!### Human: Bye### Assistant:"
+    user = Conversation("mtllama_user")
+    user.add("Hi", "Hello")
+    assert user.prompt("Bye").endswith("### ASSISTANT: Hello\n### USER: Bye\n### ASSISTANT:")
+    assert Conversation("raw").stop_strings == ()
