@@ -160,7 +160,7 @@ def bar_chart(runs: Mapping[str, Mapping], path: str, title: str = "Zero-shot re
     if not labels:
         raise ValueError("no evaluated task in the results: nothing to chart")
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(series)) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) * max(1, len(series))) + 3, 4.5))
     for k, (name, values) in enumerate(series.items()):
         xs = [i + k * width for i, v in enumerate(values) if v is not None]
         ax.bar(xs, [v for v in values if v is not None], width, label=name)
@@ -169,7 +169,7 @@ def bar_chart(runs: Mapping[str, Mapping], path: str, title: str = "Zero-shot re
     ax.set_ylabel("accuracy or F1 (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

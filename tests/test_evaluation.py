@@ -212,3 +212,24 @@ def test_train_hook_returns_flat_metrics(tasks, planted_params, vocab):
 def test_bad_protocol_is_named():
     with pytest.raises(ValueError, match="protocols=.*choose from"):
         functools.partial(evaluation.EvalOptions, protocols=("beam",))()
+
+
+def test_report_tables_and_chart_put_published_rows_beside_ours(tmp_path):
+    from mtllama_jax import reports
+
+    run = {"tasks": {
+        "zeroshot_rte": {"set": "rte", "examples": 4,
+                         "generate": {"accuracy_original": 75.0, "accuracy_strict": 50.0},
+                         "rank": {"accuracy": 100.0, "accuracy_norm": 75.0}},
+        "zeroshot_squad": {"set": "squad", "examples": 2, "generate": {"f1": 62.5, "em": 50.0}},
+        "synthetic_topic": {"set": None, "examples": 3, "rank": {"accuracy": 33.3}},
+    }, "skipped": {"zeroshot_wic": "FileNotFoundError: wic/val.jsonl"}, "t0_median": {}}
+    table = reports.markdown_report({"before": run})
+    assert "| MT-LLaMA-7b (published) | 42.3 / 31.1 |" in table
+    assert "| before (generate, original matcher) | – | – | – | 62.5 / 50.0 | – | – |" in table
+    assert "| before (rank) | – | – | – | – | 100.0 |" in table
+    assert "| before (rank, length-normalised) | – | – | – | – | 75.0 |" in table
+    assert "| before | synthetic_topic | 3 | – | – | 33.3 | – |" in table
+    assert "`zeroshot_wic`: FileNotFoundError: wic/val.jsonl" in table
+    reports.bar_chart({"before": run}, str(tmp_path / "chart.png"))
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
