@@ -1,0 +1,321 @@
+"""Procedurally generated instruction tasks: the embedded default that `make demo` runs.
+
+A small world of people, cities, colours, pets, foods and moods, asked about in
+clusters shaped like P3's, each with several prompt templates:
+
+| cluster | like P3's | answer |
+|---|---|---|
+| sentiment | sentiment (IMDB, Yelp) | positive / negative |
+| topic | topic classification (AG News) | sports / food / music / weather |
+| extractive_qa | extractive QA (SQuAD) | a value stated in the context |
+| closed_book | multiple-choice QA (CommonsenseQA) | the option of the asked category |
+| paraphrase | paraphrase identification (MRPC, PAWS) | yes / no |
+| nli | natural language inference (RTE, ANLI) — held out | yes / no |
+| completion | sentence completion (COPA, StoryCloze) — held out | a stated value |
+
+As in T0, training sees the first five clusters through all but their last
+template; evaluation asks about (a) those clusters through the template never
+trained on (`synthetic_heldout_templates`) and (b) the two clusters never
+trained on at all (`synthetic_heldout_clusters`). What transfers is skill, not
+answers: looking a value up in the context (extractive QA -> completion),
+checking whether a statement matches the context (paraphrase -> NLI), choosing
+among offered options (every cluster lists its options). Nothing about the
+held-out prompts is seen in training, and every split is drawn from its own seed.
+
+Examples follow the evaluation feature contract of `mtllama_jax.evaluation`:
+`inputs` (the wrapped prompt, tokenised), `targets` (the answer + EOS), and the
+text features `answers`, `answer_choices`, `label` (index of the answer among
+the choices), `example_id`. The vocabulary is the small SentencePiece model in
+`tasks/assets/`, trained on this corpus by `scripts/train_synthetic_spm.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import random
+import zlib
+from typing import Callable, Sequence
+
+import gin
+import seqio
+import sentencepiece
+import tensorflow as tf
+from t5.evaluation import metrics as t5_metrics
+
+from mtllama_jax import formats
+from mtllama_jax.vocab import LlamaVocabulary
+
+SPM_MODEL = os.path.join(os.path.dirname(__file__), "assets", "synthetic_spm.model")
+
+NAMES = ("Tom", "Anna", "Bob", "Lisa", "Sam", "Mia", "Max", "Eva", "Leo", "Zoe", "Ben", "Ada")
+VALUES = {
+    "city": ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Berlin", "Madrid",
+             "Dublin"),
+    "color": ("red", "blue", "green", "yellow", "black", "white", "pink", "brown"),
+    "pet": ("cat", "dog", "horse", "bird", "fox", "rabbit", "frog", "mouse"),
+    "food": ("apple", "bread", "rice", "cheese", "soup", "cake", "fish", "pear"),
+}
+# How each kind of fact is stated, and how two templates paraphrase it.
+STATEMENTS = {
+    "city": ("{n} lives in {v}.", "The home of {n} is {v}."),
+    "color": ("{n} likes the color {v}.", "The favorite color of {n} is {v}."),
+    "pet": ("{n} has a pet {v}.", "The pet of {n} is a {v}."),
+    "food": ("{n} eats {v} every day.", "The daily food of {n} is {v}."),
+}
+QUESTIONS = {
+    "city": ("Where does {n} live?", "In which city does {n} live?", "what is the home city of {n}?",
+             "Tell me where {n} lives."),
+    "color": ("Which color does {n} like?", "What is the favorite color of {n}?",
+              "what color does {n} like?", "Tell me the color {n} likes."),
+    "pet": ("What pet does {n} have?", "Which animal is the pet of {n}?", "what pet does {n} own?",
+            "Tell me the pet of {n}."),
+    "food": ("What does {n} eat every day?", "Which food does {n} eat daily?",
+             "what is the daily food of {n}?", "Tell me what {n} eats every day."),
+}
+CATEGORY_NOUN = {"city": "city", "color": "color", "pet": "animal", "food": "food"}
+COMPLETION_STEMS = {"city": "{n} lives in", "color": "{n} likes the color", "pet": "{n} has a pet",
+                    "food": "{n} eats"}
+THINGS = ("movie", "book", "meal", "trip", "song", "game", "show", "party")
+POSITIVE = ("good", "great", "wonderful", "lovely", "happy", "nice", "excellent", "fun")
+NEGATIVE = ("bad", "awful", "terrible", "sad", "boring", "poor", "ugly", "dull")
+TOPIC_WORDS = {
+    "sports": ("ball", "goal", "team", "match", "coach", "race"),
+    "food": ("soup", "bread", "cake", "rice", "cheese", "dinner"),
+    "music": ("song", "guitar", "drum", "piano", "band", "concert"),
+    "weather": ("rain", "snow", "wind", "sun", "storm", "cloud"),
+}
+YES_NO = ("yes", "no")
+SENTIMENTS = ("positive", "negative")
+TOPICS = tuple(TOPIC_WORDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    prompt: str
+    choices: tuple[str, ...]
+    label: int
+
+
+def _options(choices: Sequence[str]) -> str:
+    return ", ".join(choices)
+
+
+def _facts(rng: random.Random, kind: str, count: int = 3):
+    """`count` people, each with a distinct value of `kind`, stated in one short passage."""
+    people = rng.sample(NAMES, count)
+    values = rng.sample(VALUES[kind], count)
+    text = " ".join(STATEMENTS[kind][0].format(n=n, v=v) for n, v in zip(people, values))
+    return people, values, text
+
+
+# Each cluster: (draw the facts, [template -> Example, ...]); the last template is held out.
+def _sentiment(rng: random.Random):
+    label = rng.randrange(2)
+    words = rng.sample(POSITIVE if label == 0 else NEGATIVE, 2)
+    thing = rng.choice(THINGS)
+    text = f"The {thing} was {words[0]} and {words[1]}."
+    templates = (
+        f"Review: {text} Is this review positive or negative?",
+        f"{text} How did the writer feel about the {thing}? Options: positive, negative",
+        f"Text: {text} Sentiment (positive or negative):",
+        f"Did the author enjoy the {thing}? {text} Answer positive or negative.",
+    )
+    return [Example(t, SENTIMENTS, label) for t in templates]
+
+
+def _topic(rng: random.Random):
+    label = rng.randrange(len(TOPICS))
+    words = rng.sample(TOPIC_WORDS[TOPICS[label]], 2)
+    text = f"{rng.choice(NAMES)} talked about the {words[0]} and the {words[1]}."
+    options = _options(TOPICS)
+    templates = (
+        f"Sentence: {text} What is the topic? Options: {options}",
+        f"{text} Which topic is this about: {options}?",
+        f"Classify the topic of this sentence: {text} Options: {options}",
+        f"Pick the subject of the sentence from {options}. {text}",
+    )
+    return [Example(t, TOPICS, label) for t in templates]
+
+
+def _extractive_qa(rng: random.Random):
+    kind = rng.choice(tuple(VALUES))
+    people, values, text = _facts(rng, kind)
+    asked = rng.randrange(len(people))
+    q = [question.format(n=people[asked]) for question in QUESTIONS[kind]]
+    templates = (
+        f"Context: {text} Question: {q[0]}",
+        f"{text} {q[1]}",
+        f"Read this: {text} Now answer: {q[2]}",
+        f"{text} {q[3]}",
+    )
+    return [Example(t, tuple(values), asked) for t in templates]
+
+
+def _closed_book(rng: random.Random):
+    kinds = rng.sample(tuple(VALUES), 3)
+    options = tuple(rng.choice(VALUES[k]) for k in kinds)
+    noun = CATEGORY_NOUN[kinds[0]]
+    order = list(range(3))
+    rng.shuffle(order)
+    choices = tuple(options[i] for i in order)
+    label = order.index(0)
+    listed = _options(choices)
+    templates = (
+        f"Question: Which of these is a {noun}? Options: {listed}",
+        f"Pick the {noun} from this list: {listed}.",
+        f"{listed}. Which one is a {noun}?",
+        f"Among {listed}, name the {noun}.",
+    )
+    return [Example(t, choices, label) for t in templates]
+
+
+def _changed_statement(rng: random.Random, kind, people, values, about, same: bool, form: int):
+    value = values[about] if same else rng.choice([v for v in VALUES[kind] if v != values[about]])
+    return STATEMENTS[kind][form].format(n=people[about], v=value)
+
+
+def _paraphrase(rng: random.Random):
+    kind = rng.choice(tuple(VALUES))
+    people, values, _ = _facts(rng, kind, 1)
+    label = rng.randrange(2)
+    first = STATEMENTS[kind][0].format(n=people[0], v=values[0])
+    second = _changed_statement(rng, kind, people, values, 0, label == 0, rng.randrange(2))
+    templates = (
+        f"Sentence 1: {first} Sentence 2: {second} Do these sentences mean the same thing? "
+        "Options: yes, no",
+        f"{first} {second} Are these two sentences paraphrases? yes or no?",
+        f'Is "{second}" a paraphrase of "{first}"? Options: yes, no',
+        f"First: {first} Second: {second} Same meaning? Answer yes or no.",
+    )
+    return [Example(t, YES_NO, label) for t in templates]
+
+
+def _nli(rng: random.Random):
+    kind = rng.choice(tuple(VALUES))
+    people, values, text = _facts(rng, kind)
+    label = rng.randrange(2)
+    about = rng.randrange(len(people))
+    hypothesis = _changed_statement(rng, kind, people, values, about, label == 0, 0)
+    templates = (
+        f"Premise: {text} Hypothesis: {hypothesis} Is the hypothesis true? Options: yes, no",
+        f"{text} Based on this passage, is it true that {hypothesis} yes or no?",
+        f"Given that {text} Does it follow that {hypothesis} Options: yes, no",
+    )
+    return [Example(t, YES_NO, label) for t in templates]
+
+
+def _completion(rng: random.Random):
+    kind = rng.choice(tuple(VALUES))
+    people, values, text = _facts(rng, kind)
+    asked = rng.randrange(len(people))
+    stem = COMPLETION_STEMS[kind].format(n=people[asked])
+    listed = _options(values)
+    templates = (
+        f"{text} Complete the sentence: {stem} ... Options: {listed}",
+        f"{text} Finish the sentence with one option ({listed}): {stem}",
+        f'Story: {text} The best ending for "{stem}" is one of: {listed}.',
+    )
+    return [Example(t, tuple(values), asked) for t in templates]
+
+
+CLUSTERS: dict[str, Callable[[random.Random], list[Example]]] = {
+    "sentiment": _sentiment,
+    "topic": _topic,
+    "extractive_qa": _extractive_qa,
+    "closed_book": _closed_book,
+    "paraphrase": _paraphrase,
+    "nli": _nli,
+    "completion": _completion,
+}
+HELD_OUT_CLUSTERS = ("nli", "completion")
+TRAINING_CLUSTERS = tuple(c for c in CLUSTERS if c not in HELD_OUT_CLUSTERS)
+
+
+def num_templates(cluster: str) -> int:
+    return len(CLUSTERS[cluster](random.Random(0)))
+
+
+def generate(cluster: str, template: int, split: str, count: int, seed: int = 0) -> list[Example]:
+    """`count` examples of one template; each (cluster, template, split, seed) its own stream."""
+    key = zlib.crc32(f"{cluster}/{template}/{split}/{seed}".encode())
+    rng = random.Random(key)
+    return [CLUSTERS[cluster](rng)[template] for _ in range(count)]
+
+
+@gin.configurable
+def synthetic_sizes(train: int = 4000, validation: int = 64) -> dict[str, int]:
+    """Examples per task and split (gin: `synthetic_sizes.train`, `.validation`)."""
+    return {"train": train, "validation": validation}
+
+
+@gin.configurable
+def synthetic_wrapper(name: str = "mtllama") -> str:
+    """Prompt wrapper of the synthetic tasks (MT-LLaMA's CLI/evaluation wrapper by default)."""
+    return name
+
+
+def _dataset_fn(cluster: str, template: int, split: str, shuffle_files: bool,
+                seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # the examples are generated in a fixed order; seqio shuffles them
+    examples = generate(cluster, template, split, synthetic_sizes()[split])
+    wrapper = formats.get_wrapper(synthetic_wrapper())
+    return tf.data.Dataset.from_tensor_slices({
+        "inputs": [wrapper(e.prompt) for e in examples],
+        "targets": [e.choices[e.label] for e in examples],
+        "answers": [[e.choices[e.label]] for e in examples],
+        "answer_choices": tf.ragged.constant([list(e.choices) for e in examples]),
+        "label": [e.label for e in examples],
+        "example_id": [f"{cluster}_t{template}_{split}_{i}" for i in range(len(examples))],
+    })
+
+
+@functools.cache
+def vocabulary() -> LlamaVocabulary:
+    """The synthetic corpus' SentencePiece vocabulary (unk 0, bos 1, eos 2, like LLaMA's)."""
+    sentencepiece.set_min_log_level(1)  # its identity normaliser logs on every load otherwise
+    return LlamaVocabulary(SPM_MODEL)
+
+
+def task_name(cluster: str, template: int) -> str:
+    return f"synthetic_{cluster}_t{template}"
+
+
+def register() -> None:
+    """Registers one task per (cluster, template) and the train / held-out mixtures."""
+    features = {
+        "inputs": seqio.Feature(vocabulary(), add_eos=False),
+        "targets": seqio.Feature(vocabulary(), add_eos=True),
+    }
+    seen, held_templates, held_clusters = [], [], []
+    for cluster in CLUSTERS:
+        count = num_templates(cluster)
+        for template in range(count):
+            name = task_name(cluster, template)
+            if name in seqio.TaskRegistry.names():
+                continue
+            seqio.TaskRegistry.add(
+                name,
+                source=seqio.FunctionDataSource(
+                    functools.partial(_dataset_fn, cluster, template),
+                    splits=("train", "validation"),
+                ),
+                preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+                output_features=features,
+                metric_fns=[t5_metrics.accuracy],
+            )
+        names = [task_name(cluster, t) for t in range(count)]
+        if cluster in HELD_OUT_CLUSTERS:
+            held_clusters += names
+        else:
+            seen += names[:-1]
+            held_templates.append(names[-1])
+    for mixture, tasks in (("synthetic_train", seen),
+                           ("synthetic_heldout_templates", held_templates),
+                           ("synthetic_heldout_clusters", held_clusters)):
+        if mixture not in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.add(mixture, tasks, default_rate=1.0)
+
+
+register()
