@@ -1,0 +1,130 @@
+"""MT-LLaMA weight deltas (FastChat semantics), streamed tensor by tensor.
+
+The arithmetic, element by element, in IEEE fp16 as the published delta:
+
+* Both operands are first rounded to fp16 (round to nearest even).
+* The base is resized to the delta's vocabulary: when the delta has one row
+  more (LLaMA's 32000 -> 32001 for `[PAD]`), the new row of
+  `model.embed_tokens.weight` and of `lm_head.weight` is zero. Any other
+  vocabulary difference is refused.
+* apply-delta: `target = fp16(base16 + delta16)`, the correctly rounded sum
+  (what `param.data += delta` gives on fp16 torch tensors).
+* make-delta: `delta = fp16(target16 - base16)`; where that difference would
+  not give the target back under apply-delta's rounding, the nearest fp16
+  value (up to 2 ulps away) that does is stored instead, so apply(make) gives
+  the fp16 target bitwise. Elements no fp16 delta can reproduce are counted
+  and reported.
+
+config.json and the tokenizer come from the delta (apply) or the target (make).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from mtllama_jax import checkpoint_folder
+from mtllama_jax.config import LlamaConfig
+from mtllama_jax.convert import hf_files, hf_params, manifest, orbax_hf
+
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+F16 = np.dtype(np.float16)
+
+
+def apply_delta(base, delta, out, *, max_shard_size="5GB", overwrite=False) -> None:
+    """Writes `base + delta` (fp16) as an HF folder with the delta's config and tokenizer."""
+    _stream(base, delta, out, _add, max_shard_size, overwrite, role="delta")
+
+
+def make_delta(base, target, out, *, max_shard_size="5GB", overwrite=False) -> None:
+    """Writes `target - base` (fp16) as an HF folder with the target's config and tokenizer."""
+    _stream(base, target, out, _subtract, max_shard_size, overwrite, role="target")
+
+
+def _add(base16: np.ndarray, delta16: np.ndarray, name: str) -> np.ndarray:
+    return np.add(base16, delta16, out=base16)
+
+
+def _subtract(base16: np.ndarray, target16: np.ndarray, name: str) -> np.ndarray:
+    delta = target16 - base16
+    bad = np.flatnonzero(_bits(base16 + delta) != _bits(target16))
+    if bad.size:
+        b, t, d = base16.ravel()[bad], target16.ravel()[bad], delta.ravel()[bad]
+        fixed = np.zeros(bad.size, bool)
+        for steps, direction in ((1, np.inf), (1, -np.inf), (2, np.inf), (2, -np.inf)):
+            cand = d.copy()
+            for _ in range(steps):
+                cand = np.nextafter(cand, np.array(direction, F16))
+            ok = ~fixed & (_bits(b + cand) == _bits(t))
+            d[ok], fixed = cand[ok], fixed | ok
+        delta.ravel()[bad] = d
+        if not fixed.all():
+            print(f"make-delta: {int((~fixed).sum())} element(s) of {name} cannot be "
+                  "reproduced exactly in fp16 (base + delta rounds elsewhere); the plain "
+                  "difference is kept", file=sys.stderr)
+    return delta
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16)
+
+
+def _stream(base, other, out, op, max_shard_size, overwrite, role: str) -> None:
+    """out = op(base16 resized, other16) tensor by tensor, with `other`'s config and tokenizer."""
+    base, other = os.fspath(base), os.fspath(other)
+    base_config, config = LlamaConfig.from_hf(base), LlamaConfig.from_hf(other)
+    tokenizer = checkpoint_folder.tokenizer_path(other)  # checked before any work
+    if config.vocab_size not in (base_config.vocab_size, base_config.vocab_size + 1):
+        raise ValueError(
+            f"{role} {other} has vocab_size {config.vocab_size} but base {base} has "
+            f"{base_config.vocab_size}: only the same vocabulary or one added token "
+            "([PAD], 32000 -> 32001) is supported; use the base model the delta was made from"
+        )
+    base_w, other_w = hf_files.HFWeights(base), hf_files.HFWeights(other)
+    hf_params.check_hf_names(other_w.names(), config, other)
+    hf_params.check_hf_names(base_w.names(), base_config, base)
+    for t in hf_params.tensor_mappings(base_config):
+        hf_params.check_hf_shape(t, base_w.shape(t.hf_name), base)
+    mappings = hf_params.tensor_mappings(config)
+    base_names = set(base_w.names())
+    for t in mappings:
+        hf_params.check_hf_shape(t, other_w.shape(t.hf_name), other)
+        if t.hf_name not in base_names:
+            raise ValueError(f"base {base} has no tensor {t.hf_name} (the {role} has); use "
+                             "the base model the delta was made from")
+        want = _resized(base_w.shape(t.hf_name), t.hf_name, config.vocab_size)
+        if want != t.hf_shape:
+            raise ValueError(
+                f"tensor {t.hf_name}: {role} has shape {t.hf_shape}, base has "
+                f"{base_w.shape(t.hf_name)}; the {role} is of another architecture or size "
+                "than the base"
+            )
+
+    def tensors():
+        for t in mappings:
+            b = _to_vocab(base_w.get(t.hf_name).astype(F16), t.hf_name, config.vocab_size)
+            yield t.hf_name, op(b, other_w.get(t.hf_name).astype(F16, copy=False), t.hf_name)
+
+    specs = [(t.hf_name, t.hf_shape, F16) for t in mappings]
+    with checkpoint_folder.staged(out, overwrite=overwrite) as tmp:
+        hf_files.write_safetensors(tmp, specs, tensors(), hf_files.parse_size(max_shard_size))
+        orbax_hf.write_hf_config(tmp, config.replace(param_dtype="float16"), "float16")
+        orbax_hf.copy_tokenizer(os.path.dirname(tokenizer), tmp)
+        manifest.write(tmp)
+
+
+def _resized(shape, name: str, vocab: int) -> tuple[int, ...]:
+    if name in VOCAB_ROWS:
+        return (vocab,) + tuple(shape[1:])
+    return tuple(shape)
+
+
+def _to_vocab(array: np.ndarray, name: str, vocab: int) -> np.ndarray:
+    """The base tensor with zero rows appended up to `vocab` (the [PAD] rule)."""
+    if name not in VOCAB_ROWS or array.shape[0] == vocab:
+        return array
+    padded = np.zeros((vocab,) + array.shape[1:], F16)
+    padded[: array.shape[0]] = array
+    return padded

@@ -1,0 +1,117 @@
+"""Hugging Face LLaMA folder <-> this project's checkpoint folder (Orbax params).
+
+hf-to-jax reads one HF tensor at a time (memory-mapped) into its slot of the
+param tree; with a mesh, each finished parameter goes straight onto its
+NamedSharding, so Orbax writes the sharded layout. jax-to-hf restores one
+parameter at a time (Orbax partial restore) and streams its HF tensors into
+safetensors shards, so it holds at most one stacked parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from mtllama_jax import checkpoint_folder
+from mtllama_jax.config import LlamaConfig
+from mtllama_jax.convert import hf_files, hf_params, manifest
+
+
+def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None) -> None:
+    """Converts an HF folder to a checkpoint folder (config.json, tokenizer, params/)."""
+    hf_dir = os.fspath(hf_dir)
+    config = LlamaConfig.from_hf(hf_dir)
+    weights = hf_files.HFWeights(hf_dir)
+    hf_params.check_hf_names(weights.names(), config, hf_dir)
+    shardings = {}
+    if mesh is not None:
+        from mtllama_jax import partitioning
+
+        shardings = hf_params.flatten(partitioning.param_shardings(config, mesh, rules))
+    mappings = hf_params.tensor_mappings(config)
+    remaining = {}  # param path -> HF tensors still to fill in
+    for t in mappings:
+        remaining[t.param_path] = remaining.get(t.param_path, 0) + 1
+    flat = {}
+    for t in mappings:
+        hf_params.check_hf_shape(t, weights.shape(t.hf_name), hf_dir)
+        value = t.to_param(weights.get(t.hf_name))
+        value = value.astype(dtype or value.dtype, copy=False)
+        if t.layer is None:
+            flat[t.param_path] = np.array(value)
+        else:
+            if t.param_path not in flat:
+                full = (config.num_layers,) + t.param_shape
+                flat[t.param_path] = np.empty(full, value.dtype)
+            flat[t.param_path][t.layer] = value
+        remaining[t.param_path] -= 1
+        if not remaining[t.param_path] and t.param_path in shardings:
+            flat[t.param_path] = jax.device_put(flat[t.param_path], shardings[t.param_path])
+    stored = np.dtype(flat[("embed", "embedding")].dtype).name
+    config = config.replace(param_dtype=stored)
+    with checkpoint_folder.staged(out, overwrite=overwrite) as tmp:
+        checkpoint_folder.write_contents(
+            tmp, hf_params.unflatten(flat), config, checkpoint_folder.tokenizer_files(hf_dir))
+        manifest.write(tmp)
+
+
+def jax_to_hf(ckpt, out, *, dtype=None, max_shard_size="5GB", overwrite=False) -> None:
+    """Converts a checkpoint folder or training MODEL_DIR (latest step) to an HF folder."""
+    ckpt = os.fspath(ckpt)
+    config = checkpoint_folder.load_config(ckpt)
+    stored = hf_params.flatten(checkpoint_folder.params_metadata(ckpt))
+    expected = hf_params.param_shapes(config)
+    for path, shape in expected.items():
+        if path not in stored:
+            raise ValueError(f"{ckpt}: parameter {'/'.join(path)} is missing; check that "
+                             "config.json matches the checkpoint")
+        if tuple(stored[path].shape) != shape:
+            raise ValueError(f"{ckpt}: parameter {'/'.join(path)} has shape "
+                             f"{tuple(stored[path].shape)} but config.json implies {shape}")
+    # Grouped by parameter so each stacked parameter is restored once.
+    order = list(expected)
+    mappings = sorted(hf_params.tensor_mappings(config),
+                      key=lambda t: (order.index(t.param_path), t.layer or 0))
+    out_dtype = {t.hf_name: np.dtype(dtype or stored[t.param_path].dtype) for t in mappings}
+    specs = [(t.hf_name, t.hf_shape, out_dtype[t.hf_name]) for t in mappings]
+
+    def tensors():
+        path, value = None, None
+        for t in mappings:
+            if t.param_path != path:
+                path, value = None, None  # drop the previous parameter first
+                value = checkpoint_folder.load_param(ckpt, t.param_path,
+                                                     dtype=out_dtype[t.hf_name])
+                path = t.param_path
+            part = value if t.layer is None else value[t.layer]
+            yield t.hf_name, t.to_hf(part)
+
+    name = out_dtype["model.embed_tokens.weight"].name
+    with checkpoint_folder.staged(out, overwrite=overwrite) as tmp:
+        hf_files.write_safetensors(tmp, specs, tensors(), hf_files.parse_size(max_shard_size))
+        write_hf_config(tmp, config, name)
+        copy_tokenizer(ckpt, tmp)
+        manifest.write(tmp)
+
+
+def write_hf_config(folder, config: LlamaConfig, dtype_name: str) -> None:
+    """config.json (weights' dtype stated) and generation_config.json of an HF folder."""
+    hf = config.to_hf()
+    hf["torch_dtype"] = hf["dtype"] = dtype_name
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if config.pad_token_id is not None:
+        generation["pad_token_id"] = config.pad_token_id
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+
+
+def copy_tokenizer(src, dst) -> None:
+    """Copies src's tokenizer files (tokenizer.model and its JSON companions) into dst."""
+    for path in checkpoint_folder.tokenizer_files(src):
+        shutil.copyfile(path, os.path.join(dst, os.path.basename(path)))
