@@ -12,8 +12,9 @@ The arithmetic, element by element, in IEEE fp16 as the published delta:
 * make-delta: `delta = fp16(target16 - base16)`; where that difference would
   not give the target back under apply-delta's rounding, the nearest fp16
   value (up to 2 ulps away) that does is stored instead, so apply(make) gives
-  the fp16 target bitwise. Elements no fp16 delta can reproduce are counted
-  and reported.
+  the fp16 target bitwise. Some elements have no such delta (base16 + d lies
+  on base16's grid, too coarse when |target| << |base|); they keep the plain
+  difference (off by at most one ulp) and are counted on stderr.
 
 config.json and the tokenizer come from the delta (apply) or the target (make).
 """

@@ -377,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.coordinator_address or args.multihost:
         jax.distributed.initialize(args.coordinator_address, args.num_processes,
                                    args.process_id)
+    import mtllama_jax.eval  # noqa: F401  registers zero_shot_evaluator for zero_shot_hook
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     search = [p for p in args.gin_search_paths.split(",") if p]
