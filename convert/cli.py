@@ -1,6 +1,6 @@
 """`mtllama-convert`: Hugging Face <-> Orbax checkpoints and MT-LLaMA weight deltas.
 
-    mtllama-convert hf-to-jax   --hf llama-7b-hf --out ckpt/llama-7b [--dtype bfloat16]
+    mtllama-convert hf-to-jax   --hf llama-7b-hf --out ckpt/llama-7b [--dtype bfloat16] [--vocab-size 32001]
     mtllama-convert jax-to-hf   --ckpt ckpt/llama-7b --out llama-7b-hf [--max-shard-size 5GB]
     mtllama-convert apply-delta --base llama-7b-hf --delta mt-llama-7b-delta --out mt-llama-7b
     mtllama-convert make-delta  --base llama-7b-hf --target mt-llama-7b --out delta
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="DATA,FSDP,TENSOR sizes to write the sharded layout, "
                                   "e.g. 1,-1,1")
     p.add_argument("--rules", default="fsdp_tp", help="logical axis rules for --mesh")
+    p.add_argument("--vocab-size", type=int,
+                   help="append zero rows to the embedding and LM head up to this size "
+                        "(32001: MT-LLaMA's [PAD] on LLaMA's 32000)")
     p = command("jax-to-hf", "checkpoint folder or training MODEL_DIR -> HF folder",
                 ckpt="checkpoint folder, or MODEL_DIR (its latest step)")
     p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
@@ -85,7 +88,8 @@ def run(args) -> str:
             mesh = partitioning.make_mesh(*sizes)
             rules = partitioning.logical_axis_rules(args.rules)
         action = functools.partial(orbax_hf.hf_to_jax, args.hf, args.out, dtype=dtype,
-                                   mesh=mesh, rules=rules, overwrite=args.overwrite)
+                                   mesh=mesh, rules=rules, overwrite=args.overwrite,
+                                   vocab_size=args.vocab_size)
     elif args.command == "jax-to-hf":
         inputs = [args.ckpt]
         action = functools.partial(orbax_hf.jax_to_hf, args.ckpt, args.out, dtype=dtype,

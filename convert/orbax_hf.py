@@ -21,18 +21,34 @@ from mtllama_jax.config import LlamaConfig
 from mtllama_jax.convert import hf_files, hf_params, manifest
 
 
-def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None) -> None:
-    """Converts an HF folder to a checkpoint folder (config.json, tokenizer, params/)."""
+# Vocabulary-sized params and the axis their rows lie along.
+VOCAB_AXES = {("embed", "embedding"): 0, ("lm_head", "kernel"): 1}
+
+
+def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None,
+              vocab_size=None) -> None:
+    """Converts an HF folder to a checkpoint folder (config.json, tokenizer, params/).
+
+    `vocab_size` larger than the folder's appends zero rows to the embedding and
+    the LM head: LLaMA's 32000 -> MT-LLaMA's 32001 for `[PAD]`, the zero row the
+    published delta is relative to (`[PAD]` is never a training target).
+    """
     hf_dir = os.fspath(hf_dir)
     config = LlamaConfig.from_hf(hf_dir)
     weights = hf_files.HFWeights(hf_dir)
     hf_params.check_hf_names(weights.names(), config, hf_dir)
+    mappings = hf_params.tensor_mappings(config)  # the folder's tensors, as stored
+    if vocab_size is not None:
+        if vocab_size < config.vocab_size:
+            raise ValueError(
+                f"--vocab-size {vocab_size} is smaller than {hf_dir}/config.json's vocab_size "
+                f"{config.vocab_size}: rows can be added, not dropped")
+        config = config.replace(vocab_size=vocab_size)
     shardings = {}
     if mesh is not None:
         from mtllama_jax import partitioning
 
         shardings = hf_params.flatten(partitioning.param_shardings(config, mesh, rules))
-    mappings = hf_params.tensor_mappings(config)
     remaining = {}  # param path -> HF tensors still to fill in
     for t in mappings:
         remaining[t.param_path] = remaining.get(t.param_path, 0) + 1
@@ -41,6 +57,8 @@ def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None
         hf_params.check_hf_shape(t, weights.shape(t.hf_name), hf_dir)
         value = t.to_param(weights.get(t.hf_name))
         value = value.astype(dtype or value.dtype, copy=False)
+        if t.param_path in VOCAB_AXES and value.shape[VOCAB_AXES[t.param_path]] < config.vocab_size:
+            value = _zero_rows(value, VOCAB_AXES[t.param_path], config.vocab_size)
         if t.layer is None:
             flat[t.param_path] = np.array(value)
         else:
@@ -57,6 +75,12 @@ def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None
         checkpoint_folder.write_contents(
             tmp, hf_params.unflatten(flat), config, checkpoint_folder.tokenizer_files(hf_dir))
         manifest.write(tmp)
+
+
+def _zero_rows(value: np.ndarray, axis: int, size: int) -> np.ndarray:
+    pad = [(0, 0)] * value.ndim
+    pad[axis] = (0, size - value.shape[axis])
+    return np.pad(value, pad)
 
 
 def jax_to_hf(ckpt, out, *, dtype=None, max_shard_size="5GB", overwrite=False) -> None:

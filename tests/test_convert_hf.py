@@ -199,3 +199,21 @@ def test_interrupted_conversion_leaves_no_half_written_folder(tmp_path, tokenize
     assert manifest.compute(str(tmp_path / "ckpt")) == before  # the old output is intact
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]
 
+
+
+def test_vocab_size_appends_zero_rows_for_mtllama_pad(tmp_path, tokenizer_model, capsys):
+    hf = make_hf(tmp_path / "hf", tokenizer_model, seed=2)
+    convert("hf-to-jax", "--hf", hf, "--out", tmp_path / "ckpt", "--vocab-size", "32001")
+    config = checkpoint_folder.load_config(tmp_path / "ckpt")
+    params = checkpoint_folder.load_params(tmp_path / "ckpt")
+    original = read_all(hf)
+    embedding, head = np.asarray(params["embed"]["embedding"]), np.asarray(
+        params["lm_head"]["kernel"])
+    assert config.vocab_size == 32001 and embedding.shape[0] == 32001 and head.shape[1] == 32001
+    np.testing.assert_array_equal(embedding[:32000], original["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(head[:, :32000], original["lm_head.weight"].T)
+    assert not embedding[32000].any() and not head[:, 32000].any()
+    with pytest.raises(SystemExit):
+        convert("hf-to-jax", "--hf", hf, "--out", tmp_path / "smaller", "--vocab-size", "100")
+    assert "--vocab-size 100 is smaller" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "smaller")
