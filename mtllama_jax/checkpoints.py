@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.train_state import TrainState
 
+TOKENIZER_MODEL = "tokenizer.model"
 _policies = ocp.checkpoint_managers
 # HF fields that do not change the architecture (a resumed run may change them).
 _NON_ARCHITECTURE = ("torch_dtype", "mtllama_jax")
@@ -197,7 +198,11 @@ def write_model_dir_files(
     tokenizer_files: Sequence[str] = (),
     gin_config: str | None = None,
 ) -> None:
-    """Writes config.json, the tokenizer files and config.gin (process 0 only; atomic)."""
+    """Writes config.json, the tokenizer files and config.gin (process 0 only; atomic).
+
+    A SentencePiece model (`*.model`) is written as `tokenizer.model`, the name
+    every tool that opens a MODEL_DIR (eval, chat, convert) looks for.
+    """
     if jax.process_index() != 0:
         return
     os.makedirs(model_dir, exist_ok=True)
@@ -207,7 +212,8 @@ def write_model_dir_files(
     })
     _atomic_write(os.path.join(model_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
     for src in tokenizer_files:
-        dst = os.path.join(model_dir, os.path.basename(src))
+        name = TOKENIZER_MODEL if src.endswith(".model") else os.path.basename(src)
+        dst = os.path.join(model_dir, name)
         if os.path.abspath(src) != os.path.abspath(dst):
             shutil.copyfile(src, dst + ".tmp")
             os.replace(dst + ".tmp", dst)

@@ -95,3 +95,14 @@ def test_time_policy_waits_its_interval_from_the_start(tmp_path):
     assert not ckpt.maybe_save(3, state)
     ckpt.close()
     assert list(ckpt.all_steps()) == [2]
+
+
+def test_model_dir_names_the_sentencepiece_model_tokenizer_model(tmp_path):
+    spm, extra = tmp_path / "synthetic_spm.model", tmp_path / "special_tokens_map.json"
+    spm.write_bytes(b"sp")
+    extra.write_text("{}")
+    model_dir = tmp_path / "model"
+    checkpoints.write_model_dir_files(str(model_dir), CONFIG, [str(spm), str(extra)], "x = 1")
+    assert sorted(os.listdir(model_dir)) == [
+        "config.gin", "config.json", "special_tokens_map.json", "tokenizer.model"]
+    assert (model_dir / "tokenizer.model").read_bytes() == b"sp"
