@@ -1,10 +1,14 @@
 """Reading and writing the weight files of a Hugging Face folder, one tensor at a time.
 
-Reads `model.safetensors`, sharded `*.safetensors` (with or without the index)
-memory-mapped through `safetensors.safe_open`, or `pytorch_model*.bin` through
-`torch.load(..., weights_only=True, mmap=True)` only: a pickle that would run
-code is refused. Writes safetensors shards tensor by tensor: the header is
-known from the shapes before any data, so no shard is ever held in memory.
+Reads `model.safetensors` or sharded `*.safetensors` (with or without the
+index) one tensor at a time with positioned reads into a fresh array, so a
+process holds at most the tensors it is working on. (A memory map, as
+`safetensors.safe_open` uses, keeps every page it has touched resident: a
+converter reading two 7B models that way ends up with both in its RSS.)
+`pytorch_model*.bin` goes through `torch.load(..., weights_only=True,
+mmap=True)` only: a pickle that would run code is refused. Writes safetensors
+shards tensor by tensor: the header is known from the shapes before any data,
+so no shard is ever held in memory.
 """
 
 from __future__ import annotations
@@ -19,12 +23,62 @@ from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 ST_DTYPES = {
     np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
     np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64",
 }
+_FROM_ST = {code: dtype for dtype, code in ST_DTYPES.items()}
+
+
+class _SafetensorsFile:
+    """One safetensors file's header (name -> dtype, shape, absolute byte range)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if 8 + length > size:
+                    raise ValueError(f"header of {length} bytes exceeds the file")
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            self.tensors = {}
+            for name, info in header.items():
+                start, end = (8 + length + o for o in info["data_offsets"])
+                dtype = _FROM_ST.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name} has dtype {info['dtype']}, not one of "
+                                     f"{sorted(_FROM_ST)}")
+                shape = tuple(info["shape"])
+                if end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
+                    raise ValueError(f"tensor {name}'s bytes {start}..{end} do not fit the file")
+                self.tensors[name] = (dtype, shape, start)
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path} is not a complete safetensors file ({e}); it is probably "
+                "truncated: download or copy it again"
+            ) from None
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, start = self.tensors[name]
+        array = np.empty(shape, dtype)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(buffer):
+                n = os.preadv(f.fileno(), [buffer[done:]], start + done)
+                if n == 0:
+                    raise ValueError(f"{self.path}: tensor {name} ends early (file truncated)")
+                done += n
+        return array
 
 
 class HFWeights:
@@ -47,7 +101,7 @@ class HFWeights:
         handle = self._open[self._where[name]]
         if isinstance(handle, dict):
             return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return handle.shape(name)
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a numpy array (bf16 as ml_dtypes.bfloat16)."""
@@ -55,22 +109,10 @@ class HFWeights:
         handle = self._open[path]
         if isinstance(handle, dict):
             return _torch_to_numpy(handle[name])
-        try:
-            return handle.get_tensor(name)
-        except SafetensorError as e:
-            raise ValueError(f"{path}: tensor {name} cannot be read ({e})") from None
+        return handle.read(name)
 
     def _handle(self, path: str):
-        if path.endswith(".bin"):
-            self._open[path] = _load_bin(path)
-        else:
-            try:
-                self._open[path] = safe_open(path, framework="numpy")
-            except SafetensorError as e:
-                raise ValueError(
-                    f"{path} is not a complete safetensors file ({e}); it is probably "
-                    "truncated: download or copy it again"
-                ) from None
+        self._open[path] = _load_bin(path) if path.endswith(".bin") else _SafetensorsFile(path)
         return self._open[path]
 
 
