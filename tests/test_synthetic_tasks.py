@@ -60,9 +60,11 @@ def test_tasks_meet_the_evaluation_contract():
     assert ex["targets"][-1] == vocab.eos_id
     answer = ex["answer_choices"][ex["label"]]
     assert ex["answers"] == [answer] and vocab.decode(ex["targets"]) == answer
-    # MT-LLaMA's wrapper by default; the offered options end the prompt.
-    assert vocab.decode(ex["inputs"]).endswith(
-        f"Options: {', '.join(ex['answer_choices'])}### Assistant:")
+    # MT-LLaMA's wrapper by default; the prompt states the right choice, not the others.
+    prompt = vocab.decode(ex["inputs"])
+    stem = answer.split(" ")[0]  # the asked person's name starts the completed sentence
+    assert f"Complete the sentence: {stem} " in prompt and prompt.endswith(" ...### Assistant:")
+    assert answer in prompt and sum(c in prompt for c in ex["answer_choices"]) == 1
     assert ex["example_id"] == "completion_t0_validation_0"
 
 
