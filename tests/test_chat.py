@@ -38,7 +38,6 @@ def model_dir(tmp_path_factory):
         jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"])
     out = str(folder / "model")
     checkpoints.write_model_dir_files(out, CONFIG, [str(folder / "sp.model")])
-    os.replace(os.path.join(out, "sp.model"), os.path.join(out, "tokenizer.model"))
     ckpt = checkpoints.TrainCheckpoints(out, async_save=False)
     ckpt.save(3, train_state.create(params, optax.sgd(0.1), jax.random.key(0)))
     ckpt.wait()
