@@ -133,7 +133,7 @@ def test_resume_and_host_shards(p3_dir):
 
 
 def test_validation_split_and_fixture_mixture(p3_dir):
-    name = mixing.register_mixture("fixture_mix", [PARQUET_TASK, TFRECORD_TASK],
+    name = mixing.register_mixture("p3_fixture_mix", [PARQUET_TASK, TFRECORD_TASK],
                                    rate=mixing.equal)
     batch = next(data.batches(name, split="train", sequence_length=1024, batch_size=1, seed=0))
     prompts = [p for p, _ in decode_segments(batch, vocab.configured_vocabulary())]

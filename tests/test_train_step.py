@@ -88,7 +88,7 @@ def test_step_is_sharded_and_accumulation_matches_on_another_mesh(fsdp_step):
     assert m2["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-4)
     # Adam's first step is lr * g / |g|: rows with near-zero gradients (embeddings of
     # unseen tokens) may differ by reduction order, but by far less than one update (1e-2).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
                  jax.device_get(state.params), after.params)
 
 
