@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from typing import Mapping, Sequence
 
 import gin
@@ -101,22 +100,7 @@ def loss_curve(model_dir: str, path: str) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _save_figure(fig, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-
-
-def _write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    reports.save_figure(fig, path)
 
 
 @gin.configurable
@@ -170,8 +154,8 @@ def demo(
         "",
         reports.markdown_report(runs),
     ])
-    _write(os.path.join(run_dir, "results.md"), report)
-    _write(os.path.join(run_dir, "results.json"), json.dumps(runs, indent=1))
+    reports.write_text(os.path.join(run_dir, "results.md"), report)
+    reports.write_text(os.path.join(run_dir, "results.json"), json.dumps(runs, indent=1))
     reports.bar_chart(runs, os.path.join(run_dir, "results.png"),
                       title="Synthetic held-out tasks: before vs after multi-task training")
     loss_curve(model_dir, os.path.join(run_dir, "loss.png"))

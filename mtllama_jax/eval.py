@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 import gin
@@ -153,18 +152,11 @@ def write_outputs(results: dict, output_dir: str, label: str) -> str:
     """results.json, results.md and results.png (each written atomically); returns the tables."""
     os.makedirs(output_dir, exist_ok=True)
     table = reports.markdown_report({label: results})
-    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1))
-    _atomic_write(os.path.join(output_dir, "results.md"), table)
+    reports.write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1))
+    reports.write_text(os.path.join(output_dir, "results.md"), table)
     if results["tasks"]:
         reports.bar_chart({label: results}, os.path.join(output_dir, "results.png"))
     return table
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @gin.configurable

@@ -171,6 +171,13 @@ def bar_chart(runs: Mapping[str, Mapping], path: str, title: str = "Zero-shot re
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves a matplotlib figure as PNG atomically (temporary file, then rename) and closes it."""
+    import matplotlib.pyplot as plt
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
@@ -182,3 +189,11 @@ def bar_chart(runs: Mapping[str, Mapping], path: str, title: str = "Zero-shot re
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a report file atomically (temporary file beside it, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
