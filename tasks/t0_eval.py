@@ -1,0 +1,156 @@
+"""T0's held-out evaluation: the P3 `*_score_eval` subsets as seqio tasks, `t0_eval_score`.
+
+One task per prompt of `t0_eval_tasks.tsv` (ANLI once per round), reading
+`<P3 dir>/<prompt>_score_eval/` in P3's parquet or tfrecord layout. Those
+subsets hold one row per (example, answer choice), as t5's
+`rank_classification` preprocessor lays examples out: fields
+`inputs_pretokenized`, `answer_choices`, `idx` = [example, choice] and
+`is_correct`. Here the rows of one example are grouped back into one record
+(`inputs`, `answer_choices`, `label` = the correct choice), which is what the
+`rank` protocol of `mtllama_jax.evaluation` scores: the choice with the highest
+summed log-likelihood, accuracy per prompt, then the median over a dataset's
+prompts, as T0 reports them (t5's `rank_classification` metric on the ungrouped
+rows computes the same accuracy). Task names are the P3 subset names with `.`
+made `_` (seqio's rule), so `evaluation.t0_dataset` finds each one's dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+
+import gin
+import pyarrow as pa
+import seqio
+import tensorflow as tf
+
+from mtllama_jax import formats
+from mtllama_jax.tasks import p3
+
+TABLE = os.path.join(os.path.dirname(__file__), "t0_eval_tasks.tsv")
+FIELDS = ("inputs_pretokenized", "answer_choices", "idx", "is_correct")
+ANLI_ROUNDS = ("r1", "r2", "r3")
+
+
+@functools.cache
+def t0_eval_table() -> list[dict]:
+    with open(TABLE, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def p3_subsets() -> list[str]:
+    """The P3 `*_score_eval` subset of every held-out prompt (ANLI: one per round)."""
+    names = []
+    for row in t0_eval_table():
+        rounds = [f"_{r}" for r in ANLI_ROUNDS] if row["hf_dataset"] == "anli" else [""]
+        names += [f"{row['task']}{r}_score_eval" for r in rounds]
+    return names
+
+
+def task_name(subset: str) -> str:
+    return subset.replace(".", "_")
+
+
+def group_choices(rows, source: str):
+    """Rows of (inputs, choices, idx, is_correct), in file order -> one record per example."""
+    current, record = None, None
+    for inputs, choices, idx, is_correct in rows:
+        example = int(idx[0])
+        if example != current:
+            if record is not None:
+                yield record
+            current = example
+            record = {"inputs": inputs, "answer_choices": list(choices), "label": -1,
+                      "example_id": f"{source}/{example}"}
+        if is_correct:
+            record["label"] = int(idx[1])
+    if record is not None:
+        yield record
+
+
+class ScoreEvalSource(p3.P3Source):
+    """A P3 `*_score_eval` folder, its choice rows grouped per example."""
+
+    def get_dataset(self, split="validation", shuffle=False, seed=None, shard_info=None, **_):
+        layout, files = self._split_files(split)
+        if layout == "parquet":
+            rows = lambda: _parquet_rows(files)  # noqa: E731
+        else:
+            rows = lambda: _tfrecord_rows(  # noqa: E731
+                files, os.path.join(self.folder, f"info.{split}.json"))
+        return tf.data.Dataset.from_generator(
+            lambda: (dict(r, inputs=r["inputs"].strip())
+                     for r in group_choices(rows(), self._task)),
+            output_signature={"inputs": tf.TensorSpec([], tf.string),
+                              "answer_choices": tf.TensorSpec([None], tf.string),
+                              "label": tf.TensorSpec([], tf.int32),
+                              "example_id": tf.TensorSpec([], tf.string)})
+
+
+def _parquet_rows(files):
+    for path in files:
+        table = p3._parquet_file(path)
+        names = table.schema_arrow.names
+        missing = [f for f in FIELDS if f not in names]
+        if missing:
+            raise ValueError(f"{path}: no field(s) {missing} (has {names}); is this a P3 "
+                             "*_score_eval subset?")
+        try:
+            for batch in table.iter_batches(batch_size=1024, columns=list(FIELDS)):
+                yield from zip(*(batch.column(f).to_pylist() for f in FIELDS))
+        except pa.ArrowException as e:
+            raise ValueError(f"{path}: corrupt parquet ({e}); re-download it") from e
+
+
+def _tfrecord_rows(files, info_path):
+    if not os.path.exists(info_path):
+        raise FileNotFoundError(f"{info_path} missing: a P3 tfrecord split needs its info file")
+    with open(info_path) as f:
+        features = json.load(f).get("features", {})
+    missing = [f for f in FIELDS if f not in features]
+    if missing:
+        raise ValueError(f"{info_path}: no feature(s) {missing}; is this a P3 *_score_eval subset?")
+    spec = {"inputs_pretokenized": tf.io.FixedLenFeature([], tf.string),
+            "answer_choices": tf.io.VarLenFeature(tf.string),
+            "idx": tf.io.FixedLenFeature([2], tf.int64),
+            "is_correct": tf.io.FixedLenFeature([], tf.int64)}
+    for raw in tf.data.TFRecordDataset(files).as_numpy_iterator():
+        ex = tf.io.parse_single_example(raw, spec)
+        yield (ex["inputs_pretokenized"].numpy().decode(),
+               [c.decode() for c in tf.sparse.to_dense(ex["answer_choices"]).numpy()],
+               ex["idx"].numpy().tolist(), bool(ex["is_correct"].numpy()))
+
+
+@gin.configurable
+def t0_eval_wrapper(name: str = "mtllama") -> str:
+    """Prompt wrapper of the held-out prompts: MT-LLaMA's evaluation wrapper by default."""
+    return name
+
+
+def _wrap_with_target(ds):
+    """The prompt wrapped (`t0_eval_wrapper`), the correct choice as `targets`."""
+    ds = ds.map(lambda ex: dict(ex, targets=tf.gather(ex["answer_choices"],
+                                                      tf.maximum(ex["label"], 0))))
+    return formats.wrap_preprocessor(ds, wrapper=t0_eval_wrapper())
+
+
+def register() -> None:
+    """A task per held-out prompt and the `t0_eval_score` mixture."""
+    names = []
+    for subset in p3_subsets():
+        name = task_name(subset)
+        names.append(name)
+        if name in seqio.TaskRegistry.names():
+            continue
+        seqio.TaskRegistry.add(
+            name, source=ScoreEvalSource(subset),
+            preprocessors=[_wrap_with_target, seqio.preprocessors.tokenize,
+                           seqio.preprocessors.append_eos],
+            output_features=p3.output_features(), metric_fns=[])
+    if "t0_eval_score" not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add("t0_eval_score", names, default_rate=1.0)
+
+
+register()
