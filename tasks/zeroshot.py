@@ -1,35 +1,40 @@
 """The model card's zero-shot sets as seqio tasks: `zeroshot_<set>` and `zeroshot_all`.
 
-Each set is read from a local copy in its public format under one folder (gin
-`eval_data_dir.path`, else $MTLLAMA_EVAL_DIR); `SETS` says which file, where
-to get it and how to read it (also listed in `tasks/EVAL_DATA.md`). A missing
-file raises FileNotFoundError naming the set, the file and its source, so
-`mtllama-eval` reports the set as skipped and runs the others.
+Each set is read from a local copy under one folder (gin `eval_data_dir.path`,
+else $MTLLAMA_EVAL_DIR): its public file (SQuAD v1.1 JSON, GLUE TSV, SuperGLUE /
+OpenbookQA / Winogrande JSONL) or, when that is absent, the hub's parquet
+downloaded under `hub/<repo>/`. `SETS` is the one table of files, sources and
+readers; `data_table()` renders it for `tasks/EVAL_DATA.md`. A set with neither
+raises FileNotFoundError naming the set, both files and where to get them, so
+`mtllama-eval` reports it as skipped and runs the others.
 
 Prompts are `../shared/reference/prompts.md`'s: the released evaluation code's
 strings by default (they produced the published numbers), the model card's by
 `zeroshot_prompt_style.style = 'card'`. They differ in three places: the code
 sends the QA and SST-2 prompts without the chat wrapper (the card wraps every
 prompt in `mtllama`), OpenbookQA names the stem `question_stem`, and COPA's
-code string puts `. - ` after choice 1. The released code also cut QA inputs to
-1,024 tokens; here prompts longer than the model's context are cut from the
-left by the evaluation instead (and counted).
+code string puts `. - ` after choice 1.
+
+The released code cut QA inputs to 1,024 tokens. Here the context is cut
+instead, whole words from its end, until BOS + prompt fit 1,024 tokens, so the
+question and the closing "Answer:" survive; cut prompts are counted and logged.
 
 Examples carry what `mtllama_jax.evaluation` reads: `inputs` (the prompt),
 `targets` (the gold answer), `answers` (QA gold spans), `answer_choices` and
 `label` (-1 when the example has no gold label), `example_id`. Choice order
-follows `mtllama_jax.answer_matching`'s keyword tables (e.g. SST-2 No/Yes,
-MNLI Yes/Maybe/No). Examples without gold answers or choices are kept, counted
-and logged; the evaluation reports them.
+follows `mtllama_jax.answer_matching`'s keyword tables (SST-2 and WiC No/Yes,
+MNLI Yes/Maybe/No, RTE Yes/No, OpenbookQA A-D). Examples without gold answers
+or choices are kept, counted and logged; the evaluation reports them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import logging
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import gin
 import seqio
@@ -40,6 +45,7 @@ from mtllama_jax.tasks import eval_readers
 
 EVAL_DIR_ENV = "MTLLAMA_EVAL_DIR"
 STYLES = ("code", "card")
+QA_MAX_TOKENS = 1024  # the released code's cut of QA inputs (BOS included)
 
 
 @gin.configurable
@@ -63,15 +69,43 @@ def zeroshot_prompt_style(style: str = "code") -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Hub:
+    """The set on the Hugging Face hub, its parquet downloaded under `hub/<repo>/`."""
+
+    repo: str
+    config: str
+    splits: dict[str, str]  # seqio split -> the hub's split
+    columns: tuple[str, ...]
+    record: Callable[[dict], dict | None] = dict  # hub row -> public record (None: skip)
+    revision: str | None = None  # where only the hub's converter branch holds parquet
+
+    def stem(self, split: str) -> str:
+        """`<stem>-*.parquet` (the hub's main branch) or `<stem>/*.parquet` (its converter's)."""
+        return f"hub/{self.repo}/{self.config}/{self.splits[split]}"
+
+    def patterns(self, split: str) -> list[str]:
+        return [f"{self.stem(split)}-*.parquet", f"{self.stem(split)}/*.parquet"]
+
+    def download(self, split: str, root: str) -> str:
+        revision = f" --revision {self.revision}" if self.revision else ""
+        return (f"huggingface-cli download {self.repo} --repo-type dataset{revision} --include "
+                f"'{self.config}/{self.splits[split]}*' --local-dir {root}/hub/{self.repo}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ZeroShotSet:
-    """One set: its files per split (relative to the folder), source, reader and prompt."""
+    """One set: public files per split (relative to the folder), source, reader, prompt."""
 
     files: dict[str, str]
     source: str
-    read: Callable[[str], Iterator[dict]]
+    format: str
+    read: Callable[[str], eval_readers.Located]
+    fields: tuple[str, ...]  # what the prompt needs from a record
     prompt: Callable[[dict, str], str]  # (record, style) -> instruction
     choices: Callable[[dict], tuple[list[str], int]]  # record -> (choices, label)
+    hub: Hub
     wrapped_in_code: bool = True  # the released code wrapped it in `mtllama`
+    max_tokens: int | None = None  # cut the context to fit (QA)
 
 
 def _qa_prompt(r, style):
@@ -105,114 +139,218 @@ def _obqa_prompt(r, style):
     return f"{r['stem']} Which is the correct answer? {options}"
 
 
-SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"
+def _hub_qa(row, id_prefix=None):
+    if id_prefix and not str(row["id"]).startswith(id_prefix):
+        return None
+    answers = (row["answers"] or {}).get("text") or []
+    return {"id": row["id"], "question": row["question"], "context": row["context"],
+            "answers": list(answers)}
+
+
+def _hub_mnli(row):
+    names = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    return {"id": row["idx"], "sentence1": row["premise"], "sentence2": row["hypothesis"],
+            "gold_label": names.get(row["label"])}
+
+
+def _hub_obqa(row):
+    choices = row["choices"] or {}
+    return eval_readers.openbookqa_record(
+        row["id"], row["question_stem"],
+        list(zip(choices.get("label") or [], choices.get("text") or [])), row["answerKey"])
+
+
+QA = dict(format="SQuAD v1.1 JSON", read=eval_readers.squad_json, fields=(),
+          prompt=_qa_prompt, choices=_no_choices, wrapped_in_code=False,
+          max_tokens=QA_MAX_TOKENS)
+QA_COLUMNS = ("id", "question", "context", "answers")
+SUPERGLUE = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2"
+SG_PARQUET = "refs/convert/parquet"
+VALIDATION = {"validation": "validation"}
+
 SETS: dict[str, ZeroShotSet] = {
     "squad": ZeroShotSet(
-        {"validation": "squad/dev-v1.1.json"}, SQUAD_URL,
-        eval_readers.squad_json, _qa_prompt, _no_choices, wrapped_in_code=False),
+        {"validation": "squad/dev-v1.1.json"},
+        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
+        hub=Hub("rajpurkar/squad", "plain_text", VALIDATION, QA_COLUMNS, _hub_qa), **QA),
     "xquad_en": ZeroShotSet(
         {"validation": "xquad/xquad.en.json"},
-        "https://github.com/deepmind/xquad (xquad.en.json)",
-        eval_readers.squad_json, _qa_prompt, _no_choices, wrapped_in_code=False),
+        "https://github.com/deepmind/xquad/raw/master/xquad.en.json",
+        hub=Hub("google/xquad", "xquad.en", VALIDATION, QA_COLUMNS, _hub_qa), **QA),
     "tydiqa_en": ZeroShotSet(
         {"validation": "tydiqa/tydiqa-goldp-v1.1-dev.json"},
         "https://storage.googleapis.com/tydiqa/v1.1/tydiqa-goldp-v1.1-dev.json (English ids kept)",
-        functools.partial(eval_readers.squad_json, id_prefix="english"),
-        _qa_prompt, _no_choices, wrapped_in_code=False),
+        hub=Hub("google-research-datasets/tydiqa", "secondary_task", VALIDATION, QA_COLUMNS,
+                functools.partial(_hub_qa, id_prefix="english")),
+        **dict(QA, read=functools.partial(eval_readers.squad_json, id_prefix="english"))),
     "mlqa_en": ZeroShotSet(
         {"validation": "mlqa/dev-context-en-question-en.json",
          "test": "mlqa/test-context-en-question-en.json"},
         "https://dl.fbaipublicfiles.com/MLQA/MLQA_V1.zip (MLQA_V1/{dev,test}/)",
-        eval_readers.squad_json, _qa_prompt, _no_choices, wrapped_in_code=False),
+        hub=Hub("google/xtreme", "MLQA.en.en", {"validation": "validation", "test": "test"},
+                QA_COLUMNS, _hub_qa), **QA),
     "sst2": ZeroShotSet(
         {"validation": "glue/SST-2/dev.tsv"},
-        "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",
-        eval_readers.tsv,
+        "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip", "GLUE TSV", eval_readers.tsv,
+        ("sentence",),
         lambda r, s: (f"{r['sentence']} Based on this review, would the user recommend this "
                       "product? No or Yes?"),
         _fixed(("No", "Yes"), "label", {"0": 0, "1": 1}),
+        Hub("nyu-mll/glue", "sst2", VALIDATION, ("sentence", "label", "idx")),
         wrapped_in_code=False),
     "openbookqa": ZeroShotSet(
         {"validation": "openbookqa/Main/dev.jsonl", "test": "openbookqa/Main/test.jsonl"},
-        "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip",
-        eval_readers.openbookqa_jsonl, _obqa_prompt,
-        lambda r: (list(r["choices"]), r["label"])),
+        "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip "
+        "(OpenBookQA-V1-Sep2018/Data/Main/)",
+        "OpenbookQA JSONL", eval_readers.openbookqa_jsonl, (), _obqa_prompt,
+        lambda r: (list(r["choices"]), r["label"]),
+        Hub("allenai/openbookqa", "main", {"validation": "validation", "test": "test"},
+            ("id", "question_stem", "choices", "answerKey"), _hub_obqa)),
     "copa": ZeroShotSet(
-        {"validation": "superglue/COPA/val.jsonl"},
-        "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/COPA.zip",
-        eval_readers.jsonl, _copa_prompt,
-        lambda r: ([r["choice1"], r["choice2"]], _label(r.get("label"), {"0": 0, "1": 1}))),
+        {"validation": "superglue/COPA/val.jsonl"}, f"{SUPERGLUE}/COPA.zip", "SuperGLUE JSONL",
+        eval_readers.jsonl, ("premise", "choice1", "choice2", "question"), _copa_prompt,
+        lambda r: ([r["choice1"], r["choice2"]], _label(r.get("label"), {"0": 0, "1": 1})),
+        Hub("aps/super_glue", "copa", VALIDATION,
+            ("premise", "choice1", "choice2", "question", "label", "idx"), revision=SG_PARQUET)),
     "winogrande": ZeroShotSet(
         {"validation": "winogrande/dev.jsonl"},
-        "https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip",
-        eval_readers.jsonl,
+        "https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip "
+        "(winogrande_1.1/dev.jsonl)",
+        "Winogrande JSONL", eval_readers.jsonl, ("sentence", "option1", "option2"),
         lambda r, s: (f"{r['sentence']} In the previous sentence, does _ refer to "
                       f"{r['option1']} or {r['option2']}?"),
-        lambda r: ([r["option1"], r["option2"]], _label(r.get("answer"), {"1": 0, "2": 1}))),
+        lambda r: ([r["option1"], r["option2"]], _label(r.get("answer"), {"1": 0, "2": 1})),
+        Hub("allenai/winogrande", "winogrande_xl", VALIDATION,
+            ("sentence", "option1", "option2", "answer"))),
     "wic": ZeroShotSet(
-        {"validation": "superglue/WiC/val.jsonl"},
-        "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/WiC.zip",
-        eval_readers.jsonl,
+        {"validation": "superglue/WiC/val.jsonl"}, f"{SUPERGLUE}/WiC.zip", "SuperGLUE JSONL",
+        eval_readers.jsonl, ("word", "sentence1", "sentence2"),
         lambda r, s: (f'Does the word "{r["word"]}" have the same meaning in these two '
                       f"sentences? Yes, No? {r['sentence1']} {r['sentence2']}"),
-        _fixed(("No", "Yes"), "label", {"false": 0, "true": 1, "0": 0, "1": 1})),
+        _fixed(("No", "Yes"), "label", {"false": 0, "true": 1, "0": 0, "1": 1}),
+        Hub("aps/super_glue", "wic", VALIDATION, ("word", "sentence1", "sentence2", "label", "idx"),
+            revision=SG_PARQUET)),
     "mnli": ZeroShotSet(
         {"validation": "glue/MNLI/dev_matched.tsv"},
-        "https://dl.fbaipublicfiles.com/glue/data/MNLI.zip",
-        eval_readers.tsv,
+        "https://dl.fbaipublicfiles.com/glue/data/MNLI.zip", "GLUE TSV", eval_readers.tsv,
+        ("sentence1", "sentence2"),
         lambda r, s: (f"{r['sentence1']} Question: Does this imply that {r['sentence2']}? "
                       "Please response with 'Yes', 'No', or 'Maybe'."),
         _fixed(("Yes", "Maybe", "No"), "gold_label",
-               {"entailment": 0, "neutral": 1, "contradiction": 2})),
+               {"entailment": 0, "neutral": 1, "contradiction": 2}),
+        Hub("nyu-mll/glue", "mnli", {"validation": "validation_matched"},
+            ("premise", "hypothesis", "label", "idx"), _hub_mnli)),
     "rte": ZeroShotSet(
-        {"validation": "superglue/RTE/val.jsonl"},
-        "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/RTE.zip",
-        eval_readers.jsonl,
+        {"validation": "superglue/RTE/val.jsonl"}, f"{SUPERGLUE}/RTE.zip", "SuperGLUE JSONL",
+        eval_readers.jsonl, ("premise", "hypothesis"),
         lambda r, s: f'Given {r["premise"]} Is it guaranteed true that "{r["hypothesis"]}"? '
                      "Yes or no?",
-        _fixed(("Yes", "No"), "label", {"entailment": 0, "not_entailment": 1, "0": 0, "1": 1})),
+        _fixed(("Yes", "No"), "label", {"entailment": 0, "not_entailment": 1, "0": 0, "1": 1}),
+        Hub("aps/super_glue", "rte", VALIDATION, ("premise", "hypothesis", "label", "idx"),
+            revision=SG_PARQUET)),
 }
 
 
-def set_file(name: str, split: str) -> str:
-    """The file of `name`'s `split` under the evaluation folder; raises when missing."""
-    spec = SETS[name]
+def set_files(name: str, split: str) -> tuple[str, list[str]]:
+    """("public", [file]) or ("hub", parquet files) of `name`'s split; raises when neither."""
+    spec, root = SETS[name], eval_data_dir()
     if split not in spec.files:
         raise FileNotFoundError(
             f"zero-shot set {name!r} has no {split!r} split; it has {sorted(spec.files)}")
-    path = os.path.join(eval_data_dir(), spec.files[split])
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"zero-shot set {name!r}: {path} not found. Expected {spec.files[split]} under the "
-            f"evaluation folder ({EVAL_DIR_ENV} or gin eval_data_dir.path); get it from "
-            f"{spec.source}")
-    return path
+    public = os.path.join(root, spec.files[split])
+    if os.path.exists(public):
+        return "public", [public]
+    hub = sorted(p for pattern in spec.hub.patterns(split)
+                 for p in glob.glob(os.path.join(root, pattern)))
+    if hub:
+        return "hub", hub
+    raise FileNotFoundError(
+        f"zero-shot set {name!r}: no {split} data under {root} ({EVAL_DIR_ENV} or gin "
+        f"eval_data_dir.path). Expected {spec.files[split]} ({spec.format}; get it from "
+        f"{spec.source}) or the hub's parquet {' or '.join(spec.hub.patterns(split))} (`"
+        f"{spec.hub.download(split, root)}`)")
+
+
+def _records(spec: ZeroShotSet, kind: str, paths: list[str]) -> eval_readers.Located:
+    """(where, record) in the public format's fields, from the public file or the hub's rows."""
+    if kind == "public":
+        yield from spec.read(paths[0])
+        return
+    for where, row in eval_readers.parquet(paths, spec.hub.columns):
+        try:
+            record = spec.hub.record(row)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: unexpected {spec.hub.repo} row ({e!r})") from None
+        if record is not None:
+            yield where, record
+
+
+def _fit_context(record: dict, render: Callable[[dict], str], limit: int) -> tuple[str, bool]:
+    """The prompt, its context cut (whole words, from the end) so BOS + prompt <= limit."""
+    v = vocab.configured_vocabulary()
+    fits = lambda r: len(v.encode(render(r))) + 1 <= limit  # noqa: E731
+    if fits(record):
+        return render(record), False
+    words = record["context"].split()
+    lo, hi = 0, len(words)  # the most words that fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(dict(record, context=" ".join(words[:mid]))) else (lo, mid - 1)
+    return render(dict(record, context=" ".join(words[:lo]))), True
 
 
 def examples(name: str, split: str) -> list[dict]:
     """The set's examples as evaluation records (prompt wrapped as the chosen style says)."""
     spec, style = SETS[name], zeroshot_prompt_style()
-    path = set_file(name, split)
-    wrap = formats.get_wrapper("mtllama") if (spec.wrapped_in_code or style == "card") else None
-    out, ungraded = [], 0
-    for i, record in enumerate(spec.read(path)):
-        instruction = spec.prompt(record, style)
+    kind, paths = set_files(name, split)
+    wrap = formats.get_wrapper("mtllama" if (spec.wrapped_in_code or style == "card") else "raw")
+    render = lambda r: wrap(spec.prompt(r, style))  # noqa: E731
+    out, ungraded, cut = [], 0, 0
+    for i, (where, record) in enumerate(_records(spec, kind, paths)):
+        missing = [f for f in spec.fields if f not in record]
+        if missing:
+            raise ValueError(f"{where}: no field(s) {missing}; expected {spec.format} "
+                             f"(see tasks/EVAL_DATA.md)")
+        if spec.max_tokens:
+            inputs, was_cut = _fit_context(record, render, spec.max_tokens)
+            cut += was_cut
+        else:
+            inputs = render(record)
         choices, label = spec.choices(record)
         answers = [a for a in record.get("answers", []) if a]
-        if not answers and label < 0:
-            ungraded += 1
+        ungraded += not answers and label < 0
+        example_id = next((record[k] for k in ("id", "idx", "qID") if record.get(k) is not None),
+                          i)
         out.append({
-            "inputs": wrap(instruction) if wrap else instruction,
+            "inputs": inputs,
             "targets": answers[0] if answers else (choices[label] if label >= 0 else ""),
             "answers": answers,
             "answer_choices": choices,
             "label": label,
-            "example_id": str(record.get("id", f"{name}_{split}_{i}")),
+            "example_id": str(example_id),
         })
+    source = paths[0] if kind == "public" else f"{len(paths)} parquet file(s) of {spec.hub.repo}"
     if ungraded:
         logging.warning("zero-shot set %s (%s): %d of %d examples have no gold answer or label",
-                        name, path, ungraded, len(out))
+                        name, source, ungraded, len(out))
+    if cut:
+        logging.warning("zero-shot set %s (%s): %d of %d contexts cut to fit %d tokens",
+                        name, source, cut, len(out), spec.max_tokens)
     return out
+
+
+def data_table() -> str:
+    """The markdown table of `tasks/EVAL_DATA.md`: per task, split files and sources."""
+    lines = ["| task | split: file under the folder (format) | where to get it | or the "
+             "hub's parquet: `hub/<stem>-*.parquet` or `hub/<stem>/*.parquet` |",
+             "|---|---|---|---|"]
+    for name, spec in SETS.items():
+        files = "<br>".join(f"{split}: `{rel}`" for split, rel in spec.files.items())
+        hub = "<br>".join(f"{split}: `{spec.hub.stem(split)[len('hub/'):]}`"
+                          + (f" (revision `{spec.hub.revision}`)" if spec.hub.revision else "")
+                          for split in spec.hub.splits)
+        lines.append(f"| `zeroshot_{name}` | {files} ({spec.format}) | {spec.source} | {hub} |")
+    return "\n".join(lines) + "\n"
 
 
 def _dataset_fn(name: str, split: str, shuffle_files: bool, seed: int | None = None):

@@ -4,12 +4,20 @@ import json
 import logging
 import os
 
+import flax.linen as nn
 import gin
+import jax
+import jax.numpy as jnp
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from test_vocab import session_spm
 
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
-from mtllama_jax import evaluation, formats, vocab
-from mtllama_jax.tasks import synthetic, zeroshot
+from mtllama_jax import decoding, evaluation, formats, vocab
+from mtllama_jax.config import LlamaConfig
+from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.tasks import zeroshot
 
 SQUAD = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{
     "context": "Paris is  the capital\nof France.",
@@ -31,7 +39,7 @@ def jsonl(records):
 
 
 @pytest.fixture()
-def eval_dir(tmp_path, monkeypatch):
+def eval_dir(tmp_path, tmp_path_factory, monkeypatch):
     """Every set in its public format, one or two examples each."""
     root = str(tmp_path)
     for rel in ("squad/dev-v1.1.json", "xquad/xquad.en.json", "tydiqa/tydiqa-goldp-v1.1-dev.json",
@@ -62,8 +70,7 @@ def eval_dir(tmp_path, monkeypatch):
         {"qID": "w1", "sentence": "Sarah was a much better surgeon than Maria so _ always got "
          "the harder cases.", "option1": "Sarah", "option2": "Maria", "answer": "1"}]))
     monkeypatch.setenv(zeroshot.EVAL_DIR_ENV, root)
-    monkeypatch.setenv(vocab.TOKENIZER_ENV, os.environ.get(vocab.TOKENIZER_ENV,
-                                                           synthetic.SPM_MODEL))
+    os.environ[vocab.TOKENIZER_ENV] = session_spm(tmp_path_factory)  # as the data tests
     gin.clear_config()
     yield root
     gin.clear_config()
@@ -164,4 +171,101 @@ def test_wrong_format_names_the_file_and_line(eval_dir):
 def test_no_evaluation_folder_says_how_to_set_one(monkeypatch):
     monkeypatch.delenv(zeroshot.EVAL_DIR_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="MTLLAMA_EVAL_DIR"):
-        zeroshot.set_file("squad", "validation")
+        zeroshot.set_files("squad", "validation")
+    monkeypatch.setenv(zeroshot.EVAL_DIR_ENV, "/nonexistent")
+    with pytest.raises(FileNotFoundError, match="'rte' has no 'test' split"):
+        zeroshot.set_files("rte", "test")
+
+
+def test_a_record_without_a_prompt_field_names_file_and_line(eval_dir):
+    write(eval_dir, "superglue/COPA/val.jsonl", jsonl([
+        {"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": 0},
+        {"premise": "p", "choice1": "a", "question": "effect", "label": 1}]))
+    with pytest.raises(ValueError, match=r"COPA/val.jsonl, line 2: no field\(s\) \['choice2'\]"):
+        by_set("copa")
+
+
+def write_parquet(root, rel, rows):
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def hub_copies(root):
+    """The same examples as `eval_dir`'s, in the hub's parquet (both branch layouts)."""
+    paragraph = SQUAD["data"][0]["paragraphs"][0]
+    write_parquet(root, "hub/rajpurkar/squad/plain_text/validation-00000-of-00001.parquet", [
+        {"id": qa["id"], "title": "t", "context": paragraph["context"],
+         "question": qa["question"],
+         "answers": {"text": [a["text"] for a in qa["answers"]],
+                     "answer_start": [a["answer_start"] for a in qa["answers"]]}}
+        for qa in paragraph["qas"]])
+    write_parquet(root, "hub/nyu-mll/glue/mnli/validation_matched-00000-of-00001.parquet", [
+        {"premise": "A man sleeps.", "hypothesis": "A person rests.", "label": 1, "idx": 0}])
+    write_parquet(root, "hub/allenai/openbookqa/main/validation-00000-of-00001.parquet", [
+        {"id": "7-980", "question_stem": "The sun is responsible for", "choices": {
+            "text": ["puppies learning new tricks", "plants sprouting, blooming and wilting",
+                     "children growing up", "flowers wilting in a vase"],
+            "label": ["A", "B", "C", "D"]}, "answerKey": "B"}])
+    write_parquet(root, "hub/aps/super_glue/copa/validation/0000.parquet", [
+        {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot",
+         "choice2": "He got a hole in his sock", "question": "cause", "idx": 0, "label": 0},
+        {"premise": "I lit the candle.", "choice1": "Wax dripped", "choice2": "It froze",
+         "question": "effect", "idx": 1, "label": 0}])
+
+
+def test_the_hubs_parquet_gives_the_same_examples(eval_dir, tmp_path, monkeypatch):
+    sets = ("squad", "mnli", "openbookqa", "copa")
+    public = {name: by_set(name) for name in sets}
+    hub_root = str(tmp_path / "hub_only")
+    hub_copies(hub_root)
+    monkeypatch.setenv(zeroshot.EVAL_DIR_ENV, hub_root)
+    keys = ("inputs", "targets", "answers", "answer_choices", "label")
+    for name in sets:
+        assert zeroshot.set_files(name, "validation")[0] == "hub"
+        assert [{k: e[k] for k in keys} for e in by_set(name)] == [
+            {k: e[k] for k in keys} for e in public[name]], name
+    write_parquet(hub_root, "hub/nyu-mll/glue/mnli/validation_matched-00000-of-00001.parquet",
+                  [{"sentence1": "a", "sentence2": "b", "gold_label": "neutral"}])
+    bad = r"validation_matched-00000-of-00001.parquet: no column\(s\) \['premise', 'hypothesis'"
+    with pytest.raises(ValueError, match=bad):
+        by_set("mnli")
+
+
+def test_a_long_qa_context_is_cut_to_fit_1024_tokens(eval_dir, caplog):
+    squad = json.loads(json.dumps(SQUAD))
+    squad["data"][0]["paragraphs"][0]["context"] = " ".join(["river stone cloud"] * 1500)
+    write(eval_dir, "squad/dev-v1.1.json", json.dumps(squad))
+    with caplog.at_level(logging.WARNING):
+        first = by_set("squad")[0]
+    n = len(vocab.configured_vocabulary().encode(first["inputs"]))
+    assert 1000 < n + 1 <= zeroshot.QA_MAX_TOKENS  # BOS + prompt, nearly all of the room used
+    assert first["inputs"].startswith("Answer the question according to the context. Question: "
+                                      "What is the capital of France?. Context: river stone")
+    assert first["inputs"].endswith(". Answer:")
+    assert "2 of 2 contexts cut to fit 1024 tokens" in caplog.text
+
+
+def test_evaluate_skips_a_missing_set_and_runs_the_others(eval_dir):
+    os.remove(os.path.join(eval_dir, "superglue/RTE/val.jsonl"))
+    v = vocab.configured_vocabulary()
+    config = LlamaConfig.tiny(vocab_size=v.vocab_size, max_position_embeddings=128,
+                              num_layers=1)
+    params = nn.unbox(LlamaForCausalLM(config).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    results = evaluation.evaluate(
+        params, config, v, ["zeroshot_rte", "zeroshot_wic"],
+        evaluation.EvalOptions(protocols=("rank",), batch_size=4),
+        decoder=decoding.Decoder(config, length_bucket=128))
+    assert list(results["skipped"]) == ["zeroshot_rte"]
+    assert "superglue/RTE/val.jsonl" in results["skipped"]["zeroshot_rte"]
+    assert f"{zeroshot.SUPERGLUE}/RTE.zip" in results["skipped"]["zeroshot_rte"]
+    wic = results["tasks"]["zeroshot_wic"]
+    assert (wic["set"], wic["examples"], wic["without_gold"]) == ("wic", 2, 1)
+    assert wic["rank"]["accuracy"] in (0.0, 100.0)  # one graded example
+
+
+def test_eval_data_md_lists_the_table_of_the_code():
+    path = os.path.join(os.path.dirname(zeroshot.__file__), "EVAL_DATA.md")
+    with open(path) as f:
+        assert zeroshot.data_table() in f.read()
