@@ -2,16 +2,23 @@
 
 One task per prompt of `t0_eval_tasks.tsv` (ANLI once per round), reading
 `<P3 dir>/<prompt>_score_eval/` in P3's parquet or tfrecord layout. Those
-subsets hold one row per (example, answer choice), as t5's
-`rank_classification` preprocessor lays examples out: fields
-`inputs_pretokenized`, `answer_choices`, `idx` = [example, choice] and
-`is_correct`. Here the rows of one example are grouped back into one record
-(`inputs`, `answer_choices`, `label` = the correct choice), which is what the
-`rank` protocol of `mtllama_jax.evaluation` scores: the choice with the highest
-summed log-likelihood, accuracy per prompt, then the median over a dataset's
-prompts, as T0 reports them (t5's `rank_classification` metric on the ungrouped
-rows computes the same accuracy). Task names are the P3 subset names with `.`
-made `_` (seqio's rule), so `evaluation.t0_dataset` finds each one's dataset.
+subsets hold one row per (example, answer choice), the layout t5's
+`rank_classification` preprocessor writes: fields `inputs_pretokenized`,
+`answer_choices`, `idx` = [example, choice] and `is_correct`.
+
+Here the rows of one example are grouped back into one record (`inputs`,
+`answer_choices`, `label` = the correct choice), the input of t5's
+preprocessor, because that is what the `rank` protocol of
+`mtllama_jax.evaluation` scores: the choice with the highest summed
+log-likelihood (T0's rank classification), plus length-normalised accuracy and
+the median over a dataset's prompts, as T0 reports them. t5's `rank_classification`
+metric is not attached as a seqio `metric_fn`: seqio would feed it one scored
+row per choice, which the grouped tasks do not yield. The two agree:
+t5's preprocessor turns a grouped record back into P3's rows, and t5's metric
+on those rows gives the rank protocol's accuracy (tests/test_t0_eval_tasks.py).
+
+Task names are the P3 subset names with `.` made `_` (seqio's rule), so
+`evaluation.t0_dataset` finds each one's dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import os
 
 import gin
@@ -54,35 +62,53 @@ def task_name(subset: str) -> str:
 
 
 def group_choices(rows, source: str):
-    """Rows of (inputs, choices, idx, is_correct), in file order -> one record per example."""
-    current, record = None, None
+    """Rows of (inputs, choices, idx, is_correct), in file order -> one record per example.
+
+    P3 writes an example's choice rows together; rows of one example found apart
+    mean a damaged copy (ValueError naming `source`). An example with no correct
+    row keeps label -1 and is counted, logged and reported by the evaluation.
+    """
+    current, record, seen, no_label = None, None, set(), 0
     for inputs, choices, idx, is_correct in rows:
         example = int(idx[0])
         if example != current:
             if record is not None:
+                no_label += record["label"] < 0
                 yield record
+            if example in seen:
+                raise ValueError(f"{source}: the choice rows of example {example} are not "
+                                 "together (P3 writes them in a row); re-download the subset")
+            seen.add(example)
             current = example
-            record = {"inputs": inputs, "answer_choices": list(choices), "label": -1,
-                      "example_id": f"{source}/{example}"}
-        if is_correct:
+            record = {"inputs": inputs, "answer_choices": list(choices or []), "label": -1,
+                      "example_id": f"{os.path.basename(source)}/{example}"}
+        if is_correct and record["label"] < 0:
             record["label"] = int(idx[1])
     if record is not None:
+        no_label += record["label"] < 0
         yield record
+    if no_label:
+        logging.warning("%s: %d of %d examples have no correct choice", source, no_label,
+                        len(seen))
 
 
 class ScoreEvalSource(p3.P3Source):
-    """A P3 `*_score_eval` folder, its choice rows grouped per example."""
+    """A P3 `*_score_eval` folder, its choice rows grouped per example.
+
+    The split is read when the dataset is built (a held-out subset is at most a
+    few ten thousand rows), so a missing info file or a damaged subset raises its
+    own FileNotFoundError / ValueError rather than a tf.data error.
+    """
 
     def get_dataset(self, split="validation", shuffle=False, seed=None, shard_info=None, **_):
         layout, files = self._split_files(split)
         if layout == "parquet":
-            rows = lambda: _parquet_rows(files)  # noqa: E731
+            rows = _parquet_rows(files)
         else:
-            rows = lambda: _tfrecord_rows(  # noqa: E731
-                files, os.path.join(self.folder, f"info.{split}.json"))
+            rows = _tfrecord_rows(files, os.path.join(self.folder, f"info.{split}.json"))
+        records = [dict(r, inputs=r["inputs"].strip()) for r in group_choices(rows, self.folder)]
         return tf.data.Dataset.from_generator(
-            lambda: (dict(r, inputs=r["inputs"].strip())
-                     for r in group_choices(rows(), self._task)),
+            lambda: iter(records),
             output_signature={"inputs": tf.TensorSpec([], tf.string),
                               "answer_choices": tf.TensorSpec([None], tf.string),
                               "label": tf.TensorSpec([], tf.int32),

@@ -1,17 +1,20 @@
 """T0 held-out `*_score_eval` tasks: choice rows grouped per example, both P3 layouts."""
 
 import json
+import logging
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import seqio
 import tensorflow as tf
+from test_vocab import session_spm
 
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
 from mtllama_jax import evaluation, formats, vocab
-from mtllama_jax.tasks import p3, synthetic, t0_eval
+from mtllama_jax.tasks import p3, t0_eval
 
 SUBSET = "super_glue_rte_GPT_3_style_score_eval"
 WSC = "super_glue_wsc.fixed_GPT_3_Style_score_eval"
@@ -45,15 +48,14 @@ def write_tfrecord(folder, split, rows):
 
 
 @pytest.fixture()
-def p3_dir(tmp_path, monkeypatch):
+def p3_dir(tmp_path, tmp_path_factory, monkeypatch):
     folder = tmp_path / SUBSET
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(score_rows([2, 0, 1])),
                    str(folder / "validation-00000-of-00001.parquet"))
     write_tfrecord(str(tmp_path / WSC), "validation", score_rows([1, 1]))
     monkeypatch.setenv(p3.P3_DIR_ENV, str(tmp_path))
-    monkeypatch.setenv(vocab.TOKENIZER_ENV, os.environ.get(vocab.TOKENIZER_ENV,
-                                                           synthetic.SPM_MODEL))
+    os.environ[vocab.TOKENIZER_ENV] = session_spm(tmp_path_factory)  # as the data tests
     return tmp_path
 
 
@@ -84,3 +86,56 @@ def test_missing_subset_is_skipped_with_the_download_hint(p3_dir):
     with pytest.raises(evaluation.MissingData, match="huggingface-cli download bigscience/P3"):
         evaluation.load_examples(name, "validation")
     assert name in seqio.TaskRegistry.names()
+
+
+def test_t5s_rank_classification_agrees_with_the_grouped_examples(p3_dir):
+    """t5's preprocessor turns the grouped records back into P3's rows; t5's metric on
+    those rows equals the accuracy of the grouped label (the rank protocol's)."""
+    from t5.data import preprocessors
+    from t5.evaluation import metrics
+
+    grouped = t0_eval.ScoreEvalSource(SUBSET).get_dataset("validation", shuffle=False)
+    rows = preprocessors.rank_classification(
+        grouped,
+        inputs_fn=lambda ex: tf.fill(tf.shape(ex["answer_choices"]), ex["inputs"]),
+        targets_fn=lambda ex: ex["answer_choices"],
+        is_correct_fn=lambda ex: tf.equal(tf.range(tf.size(ex["answer_choices"])), ex["label"]),
+        mode="eval")
+    got = [(r["idx"].tolist(), r["inputs"].decode(), r["targets"].decode(), bool(r["is_correct"]))
+           for r in rows.as_numpy_iterator()]
+    assert got == [(r["idx"], r["inputs_pretokenized"].strip(), r["targets_pretokenized"],
+                    r["is_correct"]) for r in score_rows([2, 0, 1])]
+
+    examples = list(grouped.as_numpy_iterator())
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(len(examples), len(CHOICES)))
+    picks = scores.argmax(-1)
+    picks[0] = examples[0]["label"]  # one right, so accuracy is not trivially 0
+    scores[0, picks[0]] = 10.0
+    expected = 100.0 * np.mean([p == e["label"] for p, e in zip(picks, examples)])
+    targets = [(tuple(r[0]), r[3], 1.0, 1) for r in got]
+    t5_accuracy = metrics.rank_classification(targets, scores.reshape(-1).tolist())["accuracy"]
+    assert t5_accuracy == pytest.approx(expected) and 0 < expected < 100
+
+
+def test_damaged_subsets_are_named(p3_dir, caplog):
+    rows = score_rows([0, 1])
+    rows = rows[:2] + rows[3:] + rows[2:3]  # example 0's last choice row moved to the end
+    folder = p3_dir / "super_glue_cb_GPT_3_style_score_eval"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), str(folder / "validation-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match="super_glue_cb_GPT_3_style_score_eval: the choice rows "
+                                         "of example 0 are not together"):
+        evaluation.load_examples(t0_eval.task_name(folder.name), "validation")
+    rows = [dict(r, is_correct=False) if r["idx"][0] == 1 else r for r in score_rows([0, 1])]
+    pq.write_table(pa.Table.from_pylist(rows), str(folder / "validation-00000-of-00001.parquet"))
+    with caplog.at_level(logging.WARNING):
+        examples = evaluation.load_examples(t0_eval.task_name(folder.name), "validation")
+    assert [e["label"] for e in examples] == [0, -1]
+    assert "1 of 2 examples have no correct choice" in caplog.text
+
+
+def test_a_tfrecord_split_without_its_info_file_is_skipped_naming_it(p3_dir):
+    os.remove(p3_dir / WSC / "info.validation.json")
+    with pytest.raises(evaluation.MissingData, match="info.validation.json missing"):
+        evaluation.load_examples(t0_eval.task_name(WSC), "validation")
