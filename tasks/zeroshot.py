@@ -86,7 +86,8 @@ class Hub:
     def patterns(self, split: str) -> list[str]:
         return [f"{self.stem(split)}-*.parquet", f"{self.stem(split)}/*.parquet"]
 
-    def download(self, split: str, root: str) -> str:
+    def download_command(self, split: str, root: str) -> str:
+        """The command that fetches this split's parquet (printed in errors; nothing downloads here)."""
         revision = f" --revision {self.revision}" if self.revision else ""
         return (f"huggingface-cli download {self.repo} --repo-type dataset{revision} --include "
                 f"'{self.config}/{self.splits[split]}*' --local-dir {root}/hub/{self.repo}")
@@ -268,7 +269,7 @@ def set_files(name: str, split: str) -> tuple[str, list[str]]:
         f"zero-shot set {name!r}: no {split} data under {root} ({EVAL_DIR_ENV} or gin "
         f"eval_data_dir.path). Expected {spec.files[split]} ({spec.format}; get it from "
         f"{spec.source}) or the hub's parquet {' or '.join(spec.hub.patterns(split))} (`"
-        f"{spec.hub.download(split, root)}`)")
+        f"{spec.hub.download_command(split, root)}`)")
 
 
 def _records(spec: ZeroShotSet, kind: str, paths: list[str]) -> eval_readers.Located:
