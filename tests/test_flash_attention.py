@@ -108,6 +108,28 @@ def test_causal_kernel_never_reads_future_blocks():
   np.testing.assert_allclose(out[:, :32], want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocks_of_other_segments_are_skipped(causal):
+  """Segment 2's rows never touch the kv blocks of segment 1 (NaN values there stay out).
+
+  A masked block would still multiply its zero weights by the NaN values; only a skipped
+  one keeps segment 2 finite. Gradients of segment 2's rows stay finite and correct too.
+  """
+  q, k, v, do, _ = make_inputs(1, 64, 2, 1, 64, jnp.float32, False, seed=4)
+  seg = jnp.array([[1] * 32 + [2] * 32], jnp.int32)
+  poisoned_v = v.at[:, :32].set(jnp.nan)
+  blocks = {name: 16 for name in ("block_q", "block_k", "block_q_dq", "block_k_dq",
+                                  "block_q_dkv", "block_k_dkv")}
+  attn = functools.partial(flash_attention, block_sizes=blocks)
+  got = value_and_grads(attn, q, k, poisoned_v, do.at[:, :32].set(0), seg, causal)
+  want = value_and_grads(reference_attention, q[:, 32:], k[:, 32:], v[:, 32:], do[:, 32:],
+                         None, causal)
+  np.testing.assert_allclose(got[0][:, 32:], want[0], rtol=2e-5, atol=2e-5)  # out
+  np.testing.assert_allclose(got[1][:, 32:], want[1], rtol=2e-5, atol=2e-5)  # dq
+  np.testing.assert_allclose(got[2][:, 32:], want[2], rtol=2e-5, atol=2e-5)  # dk
+  np.testing.assert_allclose(got[3][:, 32:], want[3], rtol=2e-5, atol=2e-5)  # dv
+
+
 def test_sharded_over_batch_and_heads_on_eight_devices():
   """Under a (data, fsdp, tensor) = (2, 2, 2) mesh the kernel runs per shard via shard_map."""
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)

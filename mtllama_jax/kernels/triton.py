@@ -11,7 +11,9 @@ of every block size; `kv_len` is the true length.
   group and their q blocks, so grouped-query k/v are never repeated.
 
 Causal kernels visit only kv blocks at or below the diagonal and apply the mask
-only on blocks that straddle it (or when segment ids / padding need it).
+only on blocks that straddle it or hold padding. With segment ids, every other
+block pair is sorted by the ids' ranges: pairs that share no id are skipped,
+pairs inside one segment run without a mask, the rest are masked.
 """
 import functools
 import math
@@ -48,6 +50,19 @@ def _mask(rows, cols, q_seg, k_seg, *, causal, kv_len, padded):
   return mask
 
 
+def _by_segments(q_seg, k_seg, skip, unmasked, masked):
+  """Runs one of three branches for a block pair off the diagonal, by its segment ids.
+
+  `skip` when the two blocks share no id (every pair is masked: no contribution),
+  `unmasked` when a single id covers both blocks (no pair is masked), else `masked`.
+  Range tests hold for ids in any order.
+  """
+  q_lo, q_hi, k_lo, k_hi = jnp.min(q_seg), jnp.max(q_seg), jnp.min(k_seg), jnp.max(k_seg)
+  disjoint = (k_hi < q_lo) | (k_lo > q_hi)
+  uniform = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+  return lax.cond(disjoint, skip, lambda: lax.cond(uniform, unmasked, masked))
+
+
 def _params(num_warps, num_stages, interpret):
   if interpret:
     return None
@@ -66,35 +81,45 @@ def _fwd_kernel(*refs, causal, scale2, block_k, kv_len, padded, has_seg, precisi
   q_seg = qs_ref[...] if has_seg else None
   rows = q_start + jnp.arange(block_q)
 
-  def body(j, carry, masked):
+  def update(carry, k, v, mask):
     acc, m, l = carry
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
     s = _dot(q, k, trans_b=True, precision=precision) * scale2
-    if masked:
-      k_seg = ks_ref[pl.ds(start, block_k)] if has_seg else None
-      cols = start + jnp.arange(block_k)
-      mask = _mask(rows, cols, q_seg, k_seg, causal=causal, kv_len=kv_len, padded=padded)
+    if mask is not None:
       s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(start, block_k), :]
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_new, l
 
+  def body(j, carry, masked):
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]  # loaded before any branch, so the loads pipeline
+    v = v_ref[pl.ds(start, block_k), :]
+    k_seg = ks_ref[pl.ds(start, block_k)] if has_seg else None
+    cols = start + jnp.arange(block_k)
+    with_mask = lambda: update(carry, k, v, _mask(rows, cols, q_seg, k_seg, causal=causal,
+                                                  kv_len=kv_len, padded=padded))
+    if masked:
+      return with_mask()
+    if has_seg:
+      return _by_segments(q_seg, k_seg, lambda: carry, lambda: update(carry, k, v, None),
+                          with_mask)
+    return update(carry, k, v, None)
+
+  # Blocks [0, below) need no causal or padding mask; [below, hi) do.
   if causal:
     hi = jnp.minimum(num_kv, pl.cdiv(q_start + block_q, block_k))
-    unmasked_hi = 0 if has_seg else q_start // block_k
+    below = q_start // block_k
   else:
     hi = num_kv
-    unmasked_hi = 0 if has_seg else (kv_len // block_k if padded else num_kv)
+    below = kv_len // block_k if padded else num_kv
   carry = (jnp.zeros((block_q, d), jnp.float32),
            jnp.full((block_q,), MASK_VALUE, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, unmasked_hi, functools.partial(body, masked=False), carry)
-  acc, m, l = lax.fori_loop(unmasked_hi, hi, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(0, below, functools.partial(body, masked=False), carry)
+  acc, m, l = lax.fori_loop(below, hi, functools.partial(body, masked=True), carry)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)
 
@@ -146,30 +171,38 @@ def _dq_kernel(*refs, causal, scale2, sm_scale, block_k, kv_len, padded, has_seg
   q_seg = qs_ref[...] if has_seg else None
   rows = q_start + jnp.arange(block_q)
 
-  def body(j, dq, masked):
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
+  def update(dq, k, v, mask):
     s = _dot(q, k, trans_b=True, precision=precision) * scale2
-    if masked:
-      k_seg = ks_ref[pl.ds(start, block_k)] if has_seg else None
-      cols = start + jnp.arange(block_k)
-      mask = _mask(rows, cols, q_seg, k_seg, causal=causal, kv_len=kv_len, padded=padded)
+    if mask is not None:
       s = jnp.where(mask, s, MASK_VALUE)
     p = jnp.exp2(s - lse[:, None])
     dp = _dot(do, v, trans_b=True, precision=precision)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
+  def body(j, dq, masked):
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    k_seg = ks_ref[pl.ds(start, block_k)] if has_seg else None
+    cols = start + jnp.arange(block_k)
+    with_mask = lambda: update(dq, k, v, _mask(rows, cols, q_seg, k_seg, causal=causal,
+                                               kv_len=kv_len, padded=padded))
+    if masked:
+      return with_mask()
+    if has_seg:
+      return _by_segments(q_seg, k_seg, lambda: dq, lambda: update(dq, k, v, None), with_mask)
+    return update(dq, k, v, None)
+
   if causal:
     hi = jnp.minimum(num_kv, pl.cdiv(q_start + block_q, block_k))
-    unmasked_hi = 0 if has_seg else q_start // block_k
+    below = q_start // block_k
   else:
     hi = num_kv
-    unmasked_hi = 0 if has_seg else (kv_len // block_k if padded else num_kv)
+    below = kv_len // block_k if padded else num_kv
   dq = jnp.zeros((block_q, d), jnp.float32)
-  dq = lax.fori_loop(0, unmasked_hi, functools.partial(body, masked=False), dq)
-  dq = lax.fori_loop(unmasked_hi, hi, functools.partial(body, masked=True), dq)
+  dq = lax.fori_loop(0, below, functools.partial(body, masked=False), dq)
+  dq = lax.fori_loop(below, hi, functools.partial(body, masked=True), dq)
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
@@ -187,19 +220,11 @@ def _dkv_kernel(*refs, causal, scale2, sm_scale, block_q, kv_len, padded, has_se
   k_seg = ks_ref[...] if has_seg else None
   cols = k_start + jnp.arange(block_k)
 
-  def body(i, carry, g, masked):
+  def update(carry, q, do, lse, delta, mask_t):
     dk, dv = carry
-    start = pl.multiple_of(i * block_q, block_q)
-    q = q_ref[pl.ds(start, block_q), g, :]
-    do = do_ref[pl.ds(start, block_q), g, :]
-    lse = lse_ref[g, pl.ds(start, block_q)]
-    delta = delta_ref[g, pl.ds(start, block_q)]
     s_t = _dot(k, q, trans_b=True, precision=precision) * scale2  # [block_k, block_q]
-    if masked:
-      q_seg = qs_ref[pl.ds(start, block_q)] if has_seg else None
-      rows = start + jnp.arange(block_q)
-      mask = _mask(rows, cols, q_seg, k_seg, causal=causal, kv_len=kv_len, padded=padded)
-      s_t = jnp.where(mask.T, s_t, MASK_VALUE)
+    if mask_t is not None:
+      s_t = jnp.where(mask_t, s_t, MASK_VALUE)
     p_t = jnp.exp2(s_t - lse[None, :])
     dv = dv + _dot(p_t.astype(do.dtype), do, precision=precision)
     dp_t = _dot(v, do, trans_b=True, precision=precision)
@@ -207,12 +232,30 @@ def _dkv_kernel(*refs, causal, scale2, sm_scale, block_q, kv_len, padded, has_se
     dk = dk + _dot(ds_t.astype(q.dtype), q, precision=precision)
     return dk, dv
 
+  def body(i, carry, g, masked):
+    start = pl.multiple_of(i * block_q, block_q)
+    q = q_ref[pl.ds(start, block_q), g, :]
+    do = do_ref[pl.ds(start, block_q), g, :]
+    lse = lse_ref[g, pl.ds(start, block_q)]
+    delta = delta_ref[g, pl.ds(start, block_q)]
+    q_seg = qs_ref[pl.ds(start, block_q)] if has_seg else None
+    rows = start + jnp.arange(block_q)
+    with_mask = lambda: update(carry, q, do, lse, delta, _mask(
+        rows, cols, q_seg, k_seg, causal=causal, kv_len=kv_len, padded=padded).T)
+    if masked:
+      return with_mask()
+    if has_seg:
+      return _by_segments(q_seg, k_seg, lambda: carry,
+                          lambda: update(carry, q, do, lse, delta, None), with_mask)
+    return update(carry, q, do, lse, delta, None)
+
+  # q blocks [lo, masked_hi) need the causal or padding mask; [masked_hi, num_q) do not.
   if causal:
     lo = k_start // block_q
-    masked_hi = num_q if has_seg else jnp.minimum(num_q, pl.cdiv(k_start + block_k, block_q))
+    masked_hi = jnp.minimum(num_q, pl.cdiv(k_start + block_k, block_q))
   else:
     lo = 0
-    masked_hi = num_q if (has_seg or padded) else 0
+    masked_hi = num_q if padded else 0
 
   def group_body(g, carry):
     carry = lax.fori_loop(lo, masked_hi, functools.partial(body, g=g, masked=True), carry)
