@@ -23,6 +23,12 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # As "dots", plus the flash-attention output and log-sum-exp (the Pallas kernel's
+    # residuals), so the backward pass does not rerun the attention forward kernel.
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names("flash_out", "flash_lse"),
+    ),
     "qkv_proj": jax.checkpoint_policies.save_only_these_names(
         "query_proj", "key_proj", "value_proj"
     ),

@@ -73,3 +73,25 @@ def test_sharded_pallas_logits_equal_unsharded_xla(packed_batch):
     got = apply(jax.device_put(params, shardings), tokens, positions, segment_ids)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
   assert jnp.abs(expected).max() > 0.5
+
+
+def _forward_kernel_runs(remat):
+  """How many flash forward kernels the compiled gradient of the model runs (interpret mode)."""
+  config = dataclasses.replace(PALLAS, remat=remat)
+  model = LlamaForCausalLM(config)
+  tokens = jnp.zeros((2, 32), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+
+  def loss(p):
+    return jnp.sum(model.apply({"params": p}, tokens))
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  # In interpret mode each kernel launch is a while loop named after the kernel.
+  return sum(1 for line in hlo.splitlines() if " while(" in line and "flash_fwd" in line)
+
+
+def test_dots_attention_remat_keeps_the_kernel_residuals():
+  """'dots' reruns the attention forward kernel in the backward pass; 'dots_attention' does not."""
+  without_remat = _forward_kernel_runs("none")
+  assert _forward_kernel_runs("dots") > without_remat
+  assert _forward_kernel_runs("dots_attention") == without_remat
