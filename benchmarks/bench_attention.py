@@ -7,8 +7,9 @@ a memory check at seq 32k, batch 1 (this kernel vs the XLA reference).
 
     python benchmarks/bench_attention.py              # on a GPU
     python benchmarks/bench_attention.py --check      # GPU correctness vs reference first
-    python benchmarks/bench_attention.py --tune       # block-size sweep at seq 4k, then the
-                                                      # table with the best setting found
+    python benchmarks/bench_attention.py --tune       # block-size sweep (--tune_shape, default
+                                                      # seq 4k, head_dim 128), then the table
+                                                      # with the best setting found
     python benchmarks/bench_attention.py --smoke      # tiny interpret-mode pass on CPU
 
 FLOPs count the useful (unmasked) half of causal attention: forward
@@ -140,11 +141,14 @@ def memory_check(impls, seq, head_dim, dtype, heads):
       print(f"  {name:16s} failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
 
 
-def check(backend=None):
+CHECK_CASES = [  # batch, seq, q_heads, kv_heads, head_dim, causal, segment ids
+    (2, 300, 8, 2, 64, True, True), (1, 1000, 8, 1, 128, True, False),
+    (2, 517, 4, 4, 128, False, True), (1, 1, 4, 1, 64, True, False),
+    (1, 2048, 16, 16, 128, True, False), (1, 2048, 8, 2, 64, True, True)]
+
+
+def check(backend=None, cases=CHECK_CASES):
   """Prints the relative error of out, dq, dk, dv against the reference, fp32 and bf16."""
-  cases = [(2, 300, 8, 2, 64, True, True), (1, 1000, 8, 1, 128, True, False),
-           (2, 517, 4, 4, 128, False, True), (1, 1, 4, 1, 64, True, False),
-           (1, 2048, 16, 16, 128, True, False)]
   for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)):
     for b, s, h, kvh, d, causal, seg in cases:
       q, k, v, do = _inputs(b, s, h, kvh, d, dtype, seed=s + h)
@@ -169,20 +173,27 @@ def check(backend=None):
 
 
 FWD_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4),
-             (64, 128, 4, 3), (256, 64, 8, 3)]
+             (64, 128, 4, 3), (256, 64, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3),
+             (64, 64, 4, 3)]
 BWD_SWEEP = [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 8, 2), (32, 64, 64, 32, 4, 2),
              (64, 128, 128, 64, 8, 2), (128, 64, 64, 128, 8, 2), (64, 64, 64, 64, 4, 1),
-             (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 3)]
+             (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3),
+             (128, 128, 128, 128, 8, 2)]
 
 
-def tune(seq, head_dim, dtype, repeats):
-  """Forward then backward block/warp sweeps at one sequence length; returns the best BlockSizes."""
-  batch = max(1, TOKENS // seq)
-  q, k, v, do = _inputs(batch, seq, HEADS, HEADS, head_dim, dtype)
-  fwd_flops, total = _flops(batch, seq, HEADS, head_dim)
+def tune(shape, segments, dtype, repeats):
+  """Forward then backward block/warp sweeps for one shape; returns the best BlockSizes.
+
+  shape: (batch, seq, q_heads, kv_heads, head_dim); segments: pass all-ones segment ids,
+  as the model does, so the masked code path is the one timed.
+  """
+  batch, seq, heads, kv_heads, head_dim = shape
+  q, k, v, do = _inputs(batch, seq, heads, kv_heads, head_dim, dtype)
+  seg = jnp.ones((batch, seq), jnp.int32) if segments else None
+  fwd_flops, total = _flops(batch, seq, heads, head_dim)
 
   def rate(blocks, flops, fwd_only):
-    attn = functools.partial(flash_attention, causal=True, block_sizes=blocks)
+    attn = functools.partial(flash_attention, causal=True, block_sizes=blocks, segment_ids=seg)
     fn = jax.jit(attn) if fwd_only else _fwd_bwd(attn)
     try:
       return flops / _time(fn, (q, k, v) if fwd_only else (q, k, v, do), repeats) / 1e12
@@ -190,6 +201,8 @@ def tune(seq, head_dim, dtype, repeats):
       print(f"  {blocks}: {type(err).__name__}", file=sys.stderr)
       return 0.0
 
+  print(f"tune: batch {batch} seq {seq} heads {heads}/{kv_heads} head_dim {head_dim} "
+        f"segments {segments}", flush=True)
   best_fwd, best = None, -1.0
   for bq, bk, warps, stages in FWD_SWEEP:
     blocks = BlockSizes(block_q=bq, block_k=bk, num_warps_fwd=warps, num_stages_fwd=stages)
@@ -206,7 +219,7 @@ def tune(seq, head_dim, dtype, repeats):
           f"{t:6.1f} TFLOP/s", flush=True)
     if t > best:
       best_all, best = blocks, t
-  print(f"best: {best_all}")
+  print(f"best: {best_all}", flush=True)
   return best_all
 
 
@@ -214,7 +227,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny interpret-mode pass on CPU")
   parser.add_argument("--check", action="store_true", help="correctness against the reference")
-  parser.add_argument("--tune", action="store_true", help="block-size sweep at seq 4k")
+  parser.add_argument("--tune", action="store_true",
+                      help="block-size sweep for --tune_shape, then the table with the best")
+  parser.add_argument("--tune_shape", default=f"{TOKENS // 4096},4096,{HEADS},{HEADS},128",
+                      help="batch,seq,q_heads,kv_heads,head_dim to tune for")
+  parser.add_argument("--tune_segments", action="store_true",
+                      help="tune with (all-ones) segment ids, the model's code path")
   parser.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--memory_seq", type=int, default=32768)
@@ -230,7 +248,8 @@ def main(argv=None):
     return
   if args.check:
     check()
-  blocks = tune(4096, 128, dtype, args.repeats) if args.tune else None
+  shape = tuple(int(x) for x in args.tune_shape.split(","))
+  blocks = tune(shape, args.tune_segments, dtype, args.repeats) if args.tune else None
   impls = _implementations(False, blocks)
   seqs = [int(s) for s in args.seqs.split(",") if s]
   rows = measure(impls, seqs, 128, dtype, args.repeats, TOKENS, HEADS)
