@@ -63,35 +63,17 @@ def _by_segments(q_seg, k_seg, skip, unmasked, masked):
   return lax.cond(disjoint, skip, lambda: lax.cond(uniform, unmasked, masked))
 
 
-def _params(num_warps, num_stages, interpret):
-  if interpret:
-    return None
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+def _sweep_kv_blocks(update, carry, *, k_ref, v_ref, ks_ref, q_seg, q_start, block_q, block_k,
+                     causal, kv_len, padded):
+  """Folds `update(carry, k, v, mask)` over the kv blocks that q rows [q_start, +block_q) see.
 
-
-def _fwd_kernel(*refs, causal, scale2, block_k, kv_len, padded, has_seg, precision):
-  if has_seg:
-    q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
-  block_q, d = q_ref.shape
+  Blocks below the diagonal (or before the padding) need no causal or padding mask: they
+  run unmasked, or sorted by segment ids when there are any (`_by_segments`); the rest
+  (the diagonal, the padding) run masked. `mask` is None where no mask applies.
+  """
+  has_seg = ks_ref is not None
   num_kv = k_ref.shape[0] // block_k
-  q_start = pl.program_id(0) * block_q
-  q = q_ref[...]
-  q_seg = qs_ref[...] if has_seg else None
   rows = q_start + jnp.arange(block_q)
-
-  def update(carry, k, v, mask):
-    acc, m, l = carry
-    s = _dot(q, k, trans_b=True, precision=precision) * scale2
-    if mask is not None:
-      s = jnp.where(mask, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l
 
   def body(j, carry, masked):
     start = pl.multiple_of(j * block_k, block_k)
@@ -108,18 +90,50 @@ def _fwd_kernel(*refs, causal, scale2, block_k, kv_len, padded, has_seg, precisi
                           with_mask)
     return update(carry, k, v, None)
 
-  # Blocks [0, below) need no causal or padding mask; [below, hi) do.
   if causal:
     hi = jnp.minimum(num_kv, pl.cdiv(q_start + block_q, block_k))
     below = q_start // block_k
   else:
     hi = num_kv
     below = kv_len // block_k if padded else num_kv
+  carry = lax.fori_loop(0, below, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(below, hi, functools.partial(body, masked=True), carry)
+
+
+def _params(num_warps, num_stages, interpret):
+  if interpret:
+    return None
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _fwd_kernel(*refs, causal, scale2, block_k, kv_len, padded, has_seg, precision):
+  if has_seg:
+    q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
+  else:
+    (q_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
+  block_q, d = q_ref.shape
+  q_start = pl.program_id(0) * block_q
+  q = q_ref[...]
+  q_seg = qs_ref[...] if has_seg else None
+
+  def update(carry, k, v, mask):
+    acc, m, l = carry
+    s = _dot(q, k, trans_b=True, precision=precision) * scale2
+    if mask is not None:
+      s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l
+
   carry = (jnp.zeros((block_q, d), jnp.float32),
            jnp.full((block_q,), MASK_VALUE, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, below, functools.partial(body, masked=False), carry)
-  acc, m, l = lax.fori_loop(below, hi, functools.partial(body, masked=True), carry)
+  acc, m, l = _sweep_kv_blocks(
+      update, carry, k_ref=k_ref, v_ref=v_ref, ks_ref=ks_ref, q_seg=q_seg, q_start=q_start,
+      block_q=block_q, block_k=block_k, causal=causal, kv_len=kv_len, padded=padded)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)
 
@@ -164,12 +178,10 @@ def _dq_kernel(*refs, causal, scale2, sm_scale, block_k, kv_len, padded, has_seg
   else:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qs_ref, ks_ref = refs, None, None
   block_q, d = q_ref.shape
-  num_kv = k_ref.shape[0] // block_k
   q_start = pl.program_id(0) * block_q
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_seg = qs_ref[...] if has_seg else None
-  rows = q_start + jnp.arange(block_q)
 
   def update(dq, k, v, mask):
     s = _dot(q, k, trans_b=True, precision=precision) * scale2
@@ -180,29 +192,10 @@ def _dq_kernel(*refs, causal, scale2, sm_scale, block_k, kv_len, padded, has_seg
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
-  def body(j, dq, masked):
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
-    k_seg = ks_ref[pl.ds(start, block_k)] if has_seg else None
-    cols = start + jnp.arange(block_k)
-    with_mask = lambda: update(dq, k, v, _mask(rows, cols, q_seg, k_seg, causal=causal,
-                                               kv_len=kv_len, padded=padded))
-    if masked:
-      return with_mask()
-    if has_seg:
-      return _by_segments(q_seg, k_seg, lambda: dq, lambda: update(dq, k, v, None), with_mask)
-    return update(dq, k, v, None)
-
-  if causal:
-    hi = jnp.minimum(num_kv, pl.cdiv(q_start + block_q, block_k))
-    below = q_start // block_k
-  else:
-    hi = num_kv
-    below = kv_len // block_k if padded else num_kv
-  dq = jnp.zeros((block_q, d), jnp.float32)
-  dq = lax.fori_loop(0, below, functools.partial(body, masked=False), dq)
-  dq = lax.fori_loop(below, hi, functools.partial(body, masked=True), dq)
+  dq = _sweep_kv_blocks(
+      update, jnp.zeros((block_q, d), jnp.float32), k_ref=k_ref, v_ref=v_ref, ks_ref=ks_ref,
+      q_seg=q_seg, q_start=q_start, block_q=block_q, block_k=block_k, causal=causal,
+      kv_len=kv_len, padded=padded)
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
