@@ -50,32 +50,41 @@ def trained_params(model_dir: str, mesh, rules):
     return params
 
 
-def summary_table(runs: Mapping[str, Mapping], chance_by_set: Mapping[str, float]) -> str:
-    """Mean accuracy over each held-out set's tasks, per protocol: before vs after."""
+def row_groups() -> dict[str, list[str]]:
+    """Table rows -> their tasks: each held-out set, then each held-out cluster on its own."""
+    from mtllama_jax.tasks import synthetic
+
+    groups = {title: evaluation.task_names([mixture]) for mixture, title in HELD_OUT.items()}
+    for cluster in synthetic.HELD_OUT_CLUSTERS:
+        groups[f"- {cluster} (unseen task)"] = [
+            synthetic.task_name(cluster, t) for t in range(synthetic.num_templates(cluster))]
+    return groups
+
+
+def summary_table(runs: Mapping[str, Mapping], chance: Mapping[str, float]) -> str:
+    """Mean accuracy over each row's tasks, per protocol: before vs after."""
     header = "| set | chance | " + " | ".join(
         f"{label}: {p} {m.replace('accuracy_', '').replace('accuracy', 'acc')}"
         for label in runs for p, m in PROTOCOL_METRICS) + " |"
     lines = [header, "|---" * (2 + len(runs) * len(PROTOCOL_METRICS)) + "|"]
-    for mixture, title in HELD_OUT.items():
-        names = evaluation.task_names([mixture])
+    for title, names in row_groups().items():
         cells = []
         for results in runs.values():
             for protocol, metric in PROTOCOL_METRICS:
                 values = [results["tasks"][n][protocol][metric] for n in names
                           if n in results["tasks"]]
                 cells.append(f"{statistics.fmean(values):.1f}" if values else "n/a")
-        lines.append(f"| {title} | {chance_by_set[mixture]:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {title} | {chance[title]:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def chance_levels(split: str) -> dict[str, float]:
-    """Uniform-guess accuracy (%) of each held-out set, from its examples' choice counts."""
+    """Uniform-guess accuracy (%) of each table row, from its examples' choice counts."""
     levels = {}
-    for mixture in HELD_OUT:
+    for title, names in row_groups().items():
         per_example = [1.0 / len(ex["answer_choices"])
-                       for name in evaluation.task_names([mixture])
-                       for ex in evaluation.load_examples(name, split)]
-        levels[mixture] = 100.0 * statistics.fmean(per_example)
+                       for name in names for ex in evaluation.load_examples(name, split)]
+        levels[title] = 100.0 * statistics.fmean(per_example)
     return levels
 
 

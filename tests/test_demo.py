@@ -44,3 +44,5 @@ def test_demo_trains_evaluates_and_reports(tmp_path):
     table = (run_dir / "results.md").read_text()
     assert "| Unseen templates (of trained tasks) |" in table
     assert "| Unseen tasks (clusters never trained on) |" in table
+    assert "| - nli (unseen task) | 50.0 |" in table  # each held-out cluster, its own chance
+    assert "| - completion (unseen task) | 33.3 |" in table
