@@ -15,7 +15,9 @@ weights map one to one (see `mtllama_jax.convert.hf_params`):
 
 Every parameter is boxed with its logical axis names (the names in brackets
 above); `mtllama_jax.partitioning` maps them onto a device mesh. Layers are
-stacked with `nn.scan`, so compile time does not grow with depth.
+stacked with `nn.scan`, so compile time does not grow with depth. On CPU a
+shallow stack is unrolled instead (see `layer_unroll`); the parameters keep
+the same stacked layout either way.
 
 Packed rows carry `segment_ids` (1, 2, ... per example, 0 for padding) and
 `positions` that restart at 0 in each segment: a token attends only to earlier
@@ -105,6 +107,25 @@ def xla_attention(q, k, v, mask, sm_scale):
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
     return out.reshape(b, t, h, d)
+
+
+# Deepest stack that `layer_unroll` unrolls on CPU: compile time grows with the
+# unrolled depth, so deep models keep the loop there too.
+MAX_UNROLLED_CPU_LAYERS = 8
+
+
+def layer_unroll(config: LlamaConfig) -> int:
+    """How many layers `nn.scan` unrolls: all of a shallow stack on CPU, otherwise 1.
+
+    XLA:CPU runs a scanned layer as a while loop that slices every stacked weight
+    and writes every saved activation into a stacked buffer per iteration, and it
+    cannot fuse across iterations; for the tiny CPU configs that bookkeeping cost
+    more than a third of a train step. Accelerators keep the loop (one compiled
+    layer body whatever the depth).
+    """
+    if jax.default_backend() == "cpu" and config.num_layers <= MAX_UNROLLED_CPU_LAYERS:
+        return config.num_layers
+    return 1
 
 
 def _logical_init(init, names):
@@ -308,6 +329,7 @@ class LlamaForCausalLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 3,
             length=c.num_layers,
+            unroll=layer_unroll(c),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(c, decode, name="layers")(x, cos, sin, segment_ids)
