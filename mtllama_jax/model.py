@@ -15,9 +15,12 @@ weights map one to one (see `mtllama_jax.convert.hf_params`):
 
 Every parameter is boxed with its logical axis names (the names in brackets
 above); `mtllama_jax.partitioning` maps them onto a device mesh. Layers are
-stacked with `nn.scan`, so compile time does not grow with depth. On CPU a
-shallow stack is unrolled instead (see `layer_unroll`); the parameters keep
-the same stacked layout either way.
+stacked with `nn.scan`, so compile time does not grow with depth.
+
+On CPU two spellings differ (`cpu_forms`): a shallow layer stack is unrolled
+and projections are 2-D matmuls. They compute the same values with the same
+parameters; each avoids copies XLA:CPU would otherwise make (see
+benchmarks/RESULTS.md, "Train step"). Accelerators keep the forms above.
 
 Packed rows carry `segment_ids` (1, 2, ... per example, 0 for padding) and
 `positions` that restart at 0 in each segment: a token attends only to earlier
@@ -114,6 +117,11 @@ def xla_attention(q, k, v, mask, sm_scale):
 MAX_UNROLLED_CPU_LAYERS = 8
 
 
+def cpu_forms() -> bool:
+    """Whether the model is traced in its CPU forms (JAX's default backend is the CPU)."""
+    return jax.default_backend() == "cpu"
+
+
 def layer_unroll(config: LlamaConfig) -> int:
     """How many layers `nn.scan` unrolls: all of a shallow stack on CPU, otherwise 1.
 
@@ -123,7 +131,7 @@ def layer_unroll(config: LlamaConfig) -> int:
     more than a third of a train step. Accelerators keep the loop (one compiled
     layer body whatever the depth).
     """
-    if jax.default_backend() == "cpu" and config.num_layers <= MAX_UNROLLED_CPU_LAYERS:
+    if cpu_forms() and config.num_layers <= MAX_UNROLLED_CPU_LAYERS:
         return config.num_layers
     return 1
 
@@ -174,12 +182,24 @@ class Projection(nn.Module):
             jnp.dtype(c.param_dtype),
         )
         dtype = jnp.dtype(c.dtype)
+        x, kernel, out_dtype = x.astype(dtype), kernel.astype(dtype), self.out_dtype or dtype
+        if cpu_forms():
+            # XLA:CPU wraps a contraction over several named axes in copies that
+            # transpose the gradients, the weights and the weight gradient; the same
+            # product as one 2-D matmul needs none (1.2x on the tiny CPU train step).
+            # Accelerators keep the named-axis form, which their layouts (TPU tiles)
+            # and sharding propagation handle directly.
+            rows, cols = math.prod(in_shape), math.prod(self.out_shape)
+            flat = jax.lax.dot_general(
+                x.reshape(-1, rows),
+                kernel.reshape(rows, cols),
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=out_dtype,
+            )
+            return flat.reshape(*x.shape[:-n_in], *self.out_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         return jax.lax.dot_general(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            (contract, ((), ())),
-            preferred_element_type=self.out_dtype or dtype,
+            x, kernel, (contract, ((), ())), preferred_element_type=out_dtype
         )
 
 

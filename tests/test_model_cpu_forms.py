@@ -1,4 +1,4 @@
-"""CPU unrolls a shallow layer stack; the scanned stack (accelerators, deep models) must agree."""
+"""The model's CPU forms (`model.cpu_forms`) against the forms accelerators trace."""
 
 import jax
 import jax.numpy as jnp
@@ -36,42 +36,36 @@ def _decode_logits(params):
     model = LlamaForCausalLM(CONFIG)
     cache = init_cache(CONFIG, 2, 16)
     out = []
-    for start in (0, 10, 15):  # a prompt, then single tokens
-        stop = {0: 10, 10: 15, 15: 16}[start]
-        logits, vars_ = model.apply(
+    for start, stop in ((0, 10), (10, 15), (15, 16)):  # a prompt, then shorter steps
+        logits, variables = model.apply(
             {"params": params, "cache": cache},
             tokens[:, start:stop],
             positions=np.broadcast_to(np.arange(start, stop), (2, stop - start)),
             decode=True,
             mutable=["cache"],
         )
-        cache = vars_["cache"]
+        cache = variables["cache"]
         out.append(np.asarray(logits))
     return np.concatenate(out, axis=1)
 
 
-def _params():
-    tokens = np.zeros((1, 8), np.int32)
-    return LlamaForCausalLM(CONFIG).init(jax.random.key(1), tokens)["params"]
-
-
 def test_cpu_unrolls_a_shallow_stack_only():
-    assert jax.default_backend() == "cpu"
+    assert jax.default_backend() == "cpu" and model_lib.cpu_forms()
     assert model_lib.layer_unroll(CONFIG) == CONFIG.num_layers
     deep = CONFIG.replace(num_layers=model_lib.MAX_UNROLLED_CPU_LAYERS + 1)
     assert model_lib.layer_unroll(deep) == 1
 
 
-def test_unrolled_equals_scanned(monkeypatch):
-    params = _params()
-    unrolled = _loss_and_grads(params)
-    decoded_unrolled = _decode_logits(params)
-    monkeypatch.setattr(model_lib, "MAX_UNROLLED_CPU_LAYERS", 0)
-    scanned = _loss_and_grads(params)
-    decoded_scanned = _decode_logits(params)
-    assert "while" not in unrolled[3] and "while" in scanned[3]  # two different programs
-    np.testing.assert_allclose(unrolled[0], scanned[0], rtol=1e-6)
-    np.testing.assert_allclose(unrolled[1], scanned[1], atol=1e-5)
-    for a, b in zip(jax.tree.leaves(unrolled[2]), jax.tree.leaves(scanned[2])):
+def test_cpu_forms_equal_accelerator_forms(monkeypatch):
+    params = LlamaForCausalLM(CONFIG).init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"]
+    cpu = _loss_and_grads(params)
+    cpu_decoded = _decode_logits(params)
+    monkeypatch.setattr(model_lib, "cpu_forms", lambda: False)
+    accel = _loss_and_grads(params)
+    accel_decoded = _decode_logits(params)
+    assert "while" not in cpu[3] and "while" in accel[3]  # two different programs
+    np.testing.assert_allclose(cpu[0], accel[0], rtol=1e-6)
+    np.testing.assert_allclose(cpu[1], accel[1], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cpu[2]), jax.tree.leaves(accel[2])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(decoded_unrolled, decoded_scanned, atol=1e-5)
+    np.testing.assert_allclose(cpu_decoded, accel_decoded, atol=1e-5)
