@@ -17,10 +17,11 @@ Every parameter is boxed with its logical axis names (the names in brackets
 above); `mtllama_jax.partitioning` maps them onto a device mesh. Layers are
 stacked with `nn.scan`, so compile time does not grow with depth.
 
-On CPU two spellings differ (`cpu_forms`): a shallow layer stack is unrolled
-and projections are 2-D matmuls. They compute the same values with the same
-parameters; each avoids copies XLA:CPU would otherwise make (see
-benchmarks/RESULTS.md, "Train step"). Accelerators keep the forms above.
+On CPU three spellings differ (`cpu_forms`): a shallow layer stack is unrolled,
+projections are 2-D matmuls, and attention puts query rows head-major before
+its products. They compute the same values with the same parameters; each
+avoids copies XLA:CPU would otherwise make (see benchmarks/RESULTS.md, "Train
+step"). Accelerators keep the forms above.
 
 Packed rows carry `segment_ids` (1, 2, ... per example, 0 for padding) and
 `positions` that restart at 0 in each segment: a token attends only to earlier
@@ -105,10 +106,20 @@ def xla_attention(q, k, v, mask, sm_scale):
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * sm_scale
+    scores, mix = "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
+    head_major = cpu_forms()
+    if head_major:
+        # Query rows head-major ([b, kv, group, t, d]): each product is then a batched
+        # matmul already in [..., t, s] order, and XLA:CPU moves the small q and out
+        # tensors instead of the [t, s] scores (5-7% of the tiny CPU train step).
+        q = q.transpose(0, 2, 3, 1, 4)
+        scores, mix = "bkgtd,bskd->bkgts", "bkgts,bskd->bkgtd"
+    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32) * sm_scale
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    out = jnp.einsum(mix, weights, v)
+    if head_major:
+        out = out.transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h, d)
 
 
