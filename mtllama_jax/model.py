@@ -17,6 +17,12 @@ Every parameter is boxed with its logical axis names (the names in brackets
 above); `mtllama_jax.partitioning` maps them onto a device mesh. Layers are
 stacked with `nn.scan`, so compile time does not grow with depth.
 
+On CPU three spellings differ (`cpu_forms`): a shallow layer stack is unrolled,
+projections are 2-D matmuls, and attention puts query rows head-major before
+its products. They compute the same values with the same parameters; each
+avoids copies XLA:CPU would otherwise make (see benchmarks/RESULTS.md, "Train
+step"). Accelerators keep the forms above.
+
 Packed rows carry `segment_ids` (1, 2, ... per example, 0 for padding) and
 `positions` that restart at 0 in each segment: a token attends only to earlier
 tokens of its own segment, and rotary embeddings see per-segment positions.
@@ -99,10 +105,20 @@ def xla_attention(q, k, v, mask, sm_scale):
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * sm_scale
+    scores, mix = "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
+    head_major = cpu_forms()
+    if head_major:
+        # Query rows head-major ([b, kv, group, t, d]): each product is then a batched
+        # matmul already in [..., t, s] order, and XLA:CPU moves the small q and out
+        # tensors instead of the [t, s] scores (5-7% of the tiny CPU train step).
+        q = q.transpose(0, 2, 3, 1, 4)
+        scores, mix = "bkgtd,bskd->bkgts", "bkgts,bskd->bkgtd"
+    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32) * sm_scale
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    out = jnp.einsum(mix, weights, v)
+    if head_major:
+        out = out.transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h, d)
 
 
@@ -131,6 +147,30 @@ def _lm_head_bwd(residuals, d_logits):
 
 
 lm_head_logits.defvjp(_lm_head_fwd, _lm_head_bwd)
+
+
+# Deepest stack that `layer_unroll` unrolls on CPU: compile time grows with the
+# unrolled depth, so deep models keep the loop there too.
+MAX_UNROLLED_CPU_LAYERS = 8
+
+
+def cpu_forms() -> bool:
+    """Whether the model is traced in its CPU forms (JAX's default backend is the CPU)."""
+    return jax.default_backend() == "cpu"
+
+
+def layer_unroll(config: LlamaConfig) -> int:
+    """How many layers `nn.scan` unrolls: all of a shallow stack on CPU, otherwise 1.
+
+    XLA:CPU runs a scanned layer as a while loop that slices every stacked weight
+    and writes every saved activation into a stacked buffer per iteration, and it
+    cannot fuse across iterations; for the tiny CPU configs that bookkeeping cost
+    more than a third of a train step. Accelerators keep the loop (one compiled
+    layer body whatever the depth).
+    """
+    if cpu_forms() and config.num_layers <= MAX_UNROLLED_CPU_LAYERS:
+        return config.num_layers
+    return 1
 
 
 def _logical_init(init, names):
@@ -178,12 +218,24 @@ class Projection(nn.Module):
             jnp.dtype(c.param_dtype),
         )
         dtype = jnp.dtype(c.dtype)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if cpu_forms():
+            # XLA:CPU wraps a contraction over several named axes in copies that
+            # transpose the gradients, the weights and the weight gradient; the same
+            # product as one 2-D matmul needs none (1.2x on the tiny CPU train step).
+            # Accelerators keep the named-axis form, which their layouts (TPU tiles)
+            # and sharding propagation handle directly.
+            rows, cols = math.prod(in_shape), math.prod(self.out_shape)
+            flat = jax.lax.dot_general(
+                x.reshape(-1, rows),
+                kernel.reshape(rows, cols),
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=dtype,
+            )
+            return flat.reshape(*x.shape[:-n_in], *self.out_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         return jax.lax.dot_general(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            (contract, ((), ())),
-            preferred_element_type=dtype,
+            x, kernel, (contract, ((), ())), preferred_element_type=dtype
         )
 
 
@@ -351,6 +403,7 @@ class LlamaForCausalLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 3,
             length=c.num_layers,
+            unroll=layer_unroll(c),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(c, decode, name="layers")(x, cos, sin, segment_ids)

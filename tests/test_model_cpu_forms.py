@@ -1,0 +1,71 @@
+"""The model's CPU forms (`model.cpu_forms`) against the forms accelerators trace."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtllama_jax import model as model_lib
+from mtllama_jax.model import LlamaConfig, LlamaForCausalLM, init_cache
+
+CONFIG = LlamaConfig.tiny(num_layers=3)
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CONFIG.vocab_size, (2, 16)).astype(np.int32)
+    segments = np.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4], np.int32)
+    positions = np.array([list(range(10)) + list(range(6)), list(range(12)) + [0] * 4], np.int32)
+    return tokens, positions, segments
+
+
+def _loss_and_grads(params):
+    tokens, positions, segments = _batch()
+    model = LlamaForCausalLM(CONFIG)
+
+    def loss(p):
+        logits = model.apply({"params": p}, tokens, positions=positions, segment_ids=segments)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    hlo = jax.jit(loss).lower(params).as_text()
+    return value, logits, grads, hlo
+
+
+def _decode_logits(params):
+    tokens, _, _ = _batch()
+    model = LlamaForCausalLM(CONFIG)
+    cache = init_cache(CONFIG, 2, 16)
+    out = []
+    for start, stop in ((0, 10), (10, 15), (15, 16)):  # a prompt, then shorter steps
+        logits, variables = model.apply(
+            {"params": params, "cache": cache},
+            tokens[:, start:stop],
+            positions=np.broadcast_to(np.arange(start, stop), (2, stop - start)),
+            decode=True,
+            mutable=["cache"],
+        )
+        cache = variables["cache"]
+        out.append(np.asarray(logits))
+    return np.concatenate(out, axis=1)
+
+
+def test_cpu_unrolls_a_shallow_stack_only():
+    assert jax.default_backend() == "cpu" and model_lib.cpu_forms()
+    assert model_lib.layer_unroll(CONFIG) == CONFIG.num_layers
+    deep = CONFIG.replace(num_layers=model_lib.MAX_UNROLLED_CPU_LAYERS + 1)
+    assert model_lib.layer_unroll(deep) == 1
+
+
+def test_cpu_forms_equal_accelerator_forms(monkeypatch):
+    params = LlamaForCausalLM(CONFIG).init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"]
+    cpu = _loss_and_grads(params)
+    cpu_decoded = _decode_logits(params)
+    monkeypatch.setattr(model_lib, "cpu_forms", lambda: False)
+    accel = _loss_and_grads(params)
+    accel_decoded = _decode_logits(params)
+    assert "while" not in cpu[3] and "while" in accel[3]  # two different programs
+    np.testing.assert_allclose(cpu[0], accel[0], rtol=1e-6)
+    np.testing.assert_allclose(cpu[1], accel[1], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cpu[2]), jax.tree.leaves(accel[2])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(cpu_decoded, accel_decoded, atol=1e-5)
