@@ -18,9 +18,10 @@ and any batch source; tests and scripts call it without gin.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import inspect
-import logging
+import os
 import re
 import sys
 from typing import Callable, Iterator, Mapping, Sequence
@@ -327,20 +328,54 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()):
-    """Parses gin files and bindings; an unknown name is reported with the near names."""
-    for path in [*search_paths, str(GIN_DIR)]:
-        gin.add_config_file_search_path(path)
-    logging.disable(logging.ERROR)  # gin logs every search-path miss as an error
+    """Parses gin files and bindings; an unknown name is reported with the near names.
+
+    Every file, included ones too, is found as a real path: as given (absolute, or
+    relative to the working directory), then in `search_paths`, then in the package's
+    gin/ folder.
+    """
+    folders = [*search_paths, str(GIN_DIR)]
+    paths = [resolve_gin_file(f, folders) for f in files]
     try:
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+        with _filesystem_lookup(folders):
+            gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
     except ValueError as e:
         raise ValueError(_unknown_binding_message(str(e))) from None
     except OSError as e:
         raise FileNotFoundError(
-            f"{e}; gin files are looked up in --gin_search_paths and {GIN_DIR}"
+            f"{e}\n  (gin files are looked up as given, then in --gin_search_paths, then in "
+            f"{GIN_DIR})"
         ) from None
+
+
+def resolve_gin_file(name: str, folders: Sequence[str]) -> str:
+    """The absolute path of gin file `name`: as given, else the first of `folders` holding it."""
+    for candidate in [name, *(os.path.join(folder, name) for folder in folders)]:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise FileNotFoundError(
+        f"gin file {name} not found in the working directory {os.getcwd()} nor in "
+        f"{', '.join(folders)}; give its path, or its folder with --gin_search_paths"
+    )
+
+
+@contextlib.contextmanager
+def _filesystem_lookup(folders: Sequence[str]):
+    """Gin looks up included files only on disk: as given, then in `folders`.
+
+    Gin's other reader takes `runs/x.gin` for a file of the Python package `runs`;
+    a folder named so in the working directory (the demo's `runs/`) is a namespace
+    package without a file, and gin fails with a TypeError. Gin has no public
+    setter for either list, hence the private names; both are restored.
+    """
+    prefixes, readers = gin.config._LOCATION_PREFIXES, gin.config._FILE_READERS
+    saved = list(prefixes), list(readers)
+    prefixes[:] = ["", *folders]
+    readers[:] = [(open, os.path.isfile)]
+    try:
+        yield
     finally:
-        logging.disable(logging.NOTSET)
+        prefixes[:], readers[:] = saved
 
 
 def _unknown_binding_message(error: str) -> str:

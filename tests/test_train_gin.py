@@ -1,5 +1,7 @@
 """mtllama-train's flags and gin files: T5X-style flags, near-name errors, the run files."""
 
+import importlib.util
+
 import gin
 import pytest
 
@@ -67,3 +69,38 @@ def test_cli_reports_a_bad_binding_without_a_traceback(capsys):
     err = capsys.readouterr().err
     assert "unknown gin binding 'optimizer.num_step'" in err
     assert "optimizer.num_steps" not in err  # set by train, not bindable
+
+
+@pytest.fixture
+def runs_folder_in_cwd(tmp_path, monkeypatch):
+    """A working directory holding `runs/` and `models/` folders, importable as packages.
+
+    What `make demo` leaves at the repository root (runs/demo/), where pytest and
+    `python -m` put the working directory on sys.path: `runs` and `models` are then
+    namespace packages, which gin's package reader cannot open.
+    """
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("runs").origin is None  # the shadowing package
+    return tmp_path
+
+
+def test_a_runs_folder_in_the_working_directory_does_not_shadow_gin_files(runs_folder_in_cwd):
+    train.parse_gin(["runs/mtllama_7b.gin"], ["MODEL_DIR = '/tmp/m'"])  # includes models/, runs/
+    assert gin.query_parameter("LlamaConfig.num_layers") == 32
+
+
+def test_a_gin_file_in_the_working_directory_comes_first(runs_folder_in_cwd):
+    (runs_folder_in_cwd / "runs" / "mine.gin").write_text(
+        "include 'runs/finetune.gin'\ntrain.batch_size = 3\n")
+    train.parse_gin(["runs/mine.gin"], [])
+    assert gin.query_parameter("train.batch_size") == 3
+    assert gin.query_parameter("%SEQUENCE_LENGTH") == 2048  # from gin/runs/finetune.gin
+
+
+def test_a_missing_included_file_names_the_including_file(runs_folder_in_cwd):
+    (runs_folder_in_cwd / "runs" / "bad.gin").write_text("include 'models/none.gin'\n")
+    with pytest.raises(FileNotFoundError, match=r"models/none.gin(.|\n)*runs/bad.gin"):
+        train.parse_gin(["runs/bad.gin"], [])
