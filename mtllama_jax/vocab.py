@@ -14,9 +14,12 @@ with id 2 rather than 1.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import os
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -100,12 +103,42 @@ class LlamaVocabulary(seqio.SentencePieceVocabulary):
         pad = self.pad_token_id
         return super()._decode([i for i in ids if int(i) != pad])
 
+    # TF-side tokenisation goes through the Python SentencePiece that `encode` and
+    # `decode` use, not through TF Text's own copy (seqio's default). That copy is
+    # loaded anew for every tokenised feature and logs "precompiled_charsmap is
+    # empty" each time for LLaMA's identity normaliser; one copy is also one behaviour.
+
+    def _encode_tf(self, s):
+        """Token ids of a string tensor: 1-D for a scalar, ragged on a new last axis else."""
+        s = tf.convert_to_tensor(s, tf.string)
+
+        def encode(texts):
+            ids = [self._encode(t.decode("utf-8")) for t in np.asarray(texts, object).reshape(-1)]
+            lengths = np.array([len(row) for row in ids], np.int64)
+            return np.fromiter(itertools.chain.from_iterable(ids), np.int32), lengths
+
+        values, lengths = tf.numpy_function(encode, [s], (tf.int32, tf.int64), stateful=False)
+        values.set_shape([None])
+        if s.shape.rank == 0:
+            return values
+        ids = tf.RaggedTensor.from_row_lengths(values, tf.reshape(lengths, [-1]))
+        outer = tf.shape(s, out_type=tf.int64)
+        for axis in range(s.shape.rank - 1, 0, -1):
+            ids = tf.RaggedTensor.from_uniform_row_length(ids, outer[axis])
+        return ids
+
     def _decode_tf(self, ids):
-        pad = self.pad_token_id
-        if pad is not None:
-            # The SentencePiece BOS is a control piece: it decodes to nothing.
-            ids = tf.where(tf.equal(ids, pad), tf.cast(self.tokenizer.bos_id(), ids.dtype), ids)
-        return super()._decode_tf(ids)
+        """Text of a 1-D (scalar string) or N-D (one string per row) id tensor."""
+        ids = tf.convert_to_tensor(ids)
+
+        def decode(rows):
+            flat = rows.reshape(math.prod(rows.shape[:-1]), rows.shape[-1])
+            return np.array([self._decode(row.tolist()).encode("utf-8") for row in flat],
+                            object).reshape(rows.shape[:-1])
+
+        text = tf.numpy_function(decode, [ids], tf.string, stateful=False)
+        text.set_shape(ids.shape[:-1])
+        return text
 
     def __str__(self) -> str:
         return (f"LlamaVocabulary(file={self.sentencepiece_model_file}, "

@@ -88,3 +88,25 @@ def test_t5_style_model_is_rejected(tmp_path):
 def test_quirks_with_extra_ids_is_rejected(spm_file):
     with pytest.raises(ValueError, match="extra_ids must be 0"):
         LlamaVocabulary(spm_file, mtllama_quirks=True, extra_ids=4)
+
+
+def test_tf_tokenisation_matches_python_in_any_shape(spm_file):
+    vocab = LlamaVocabulary(spm_file, mtllama_quirks=True)
+    texts = [["the premise é", ""], ["yes no 😀", "because"]]
+    ragged = vocab.encode_tf(tf.constant(texts))
+    assert ragged.shape[:2] == (2, 2)
+    assert ragged.to_list() == [[list(vocab.encode(t)) for t in row] for row in texts]
+    ids = [list(vocab.encode("yes no")) + [vocab.pad_token_id], list(vocab.encode("maybe a"))]
+    width = max(map(len, ids))
+    ids = [row + [vocab.eos_id] * (width - len(row)) for row in ids]  # decode_tf stops at EOS
+    assert vocab.decode_tf(tf.constant(ids, tf.int32)).numpy().tolist() == [b"yes no", b"maybe a"]
+
+
+def test_tf_tokenisation_in_a_dataset_logs_nothing(spm_file, capfd):
+    # TF Text's copy of SentencePiece writes "precompiled_charsmap is empty" to fd 2
+    # for an identity normaliser each time a pipeline builds its tokenizer.
+    vocab = LlamaVocabulary(spm_file)
+    data = tf.data.Dataset.from_tensor_slices(["yes no", "the premise"]).map(vocab.encode_tf)
+    assert [list(x.numpy()) for x in data] == [list(vocab.encode(t))
+                                               for t in ("yes no", "the premise")]
+    assert "precompiled_charsmap" not in capfd.readouterr().err
