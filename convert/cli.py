@@ -21,6 +21,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
+from mtllama_jax import launch
 from mtllama_jax.convert import delta, manifest, orbax_hf
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.add_argument("--check", action="store_true",
                        help="verify input manifests before and the output's after writing")
+        launch.add_verbose_flag(p)
         return p
 
     p = command("hf-to-jax", "HF LLaMA folder -> checkpoint folder", hf="HF LLaMA folder")
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-shard-size", default="5GB", help="per safetensors file")
     p = sub.add_parser("verify", help="recompute an output folder's manifest")
     p.add_argument("folder")
+    launch.add_verbose_flag(p)
     return parser
 
 
@@ -112,6 +115,7 @@ def run(args) -> str:
 def main(argv=None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    launch.configure_logs(args.verbose, uses_tensorflow=False)
     try:
         print(run(args))
     except (ValueError, FileNotFoundError, FileExistsError) as e:

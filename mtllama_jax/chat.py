@@ -19,7 +19,7 @@ from typing import Sequence
 
 import jax
 
-from mtllama_jax import decoding, partitioning
+from mtllama_jax import decoding, launch, partitioning
 
 
 class Conversation:
@@ -106,7 +106,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--rules", default="data", help="logical axis rules: data, fsdp, fsdp_tp")
     parser.add_argument("--mtllama_quirks", action="store_true",
                         help="MT-LLaMA's tokenizer: [PAD] 32000 and BOS written as </s>")
+    launch.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    launch.configure_logs(args.verbose)
     try:
         args.mesh = tuple(int(x) for x in args.mesh.split(","))
         assert len(args.mesh) == 3

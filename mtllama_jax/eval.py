@@ -26,7 +26,7 @@ from typing import Sequence
 import gin
 import jax
 
-from mtllama_jax import evaluation, reports
+from mtllama_jax import evaluation, launch, reports
 from mtllama_jax.config import LlamaConfig
 
 REQUIRED_FILES = {
@@ -182,11 +182,13 @@ def zero_shot_evaluator(
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """--gin_file (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths."""
+    """--gin_file (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths, --verbose."""
     parser = argparse.ArgumentParser(prog="mtllama-eval", description=__doc__.split("\n")[0])
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    launch.add_verbose_flag(parser)
     args, rest = parser.parse_known_args(argv)
+    launch.configure_logs(args.verbose)
     args.gin_bindings = []
     for item in rest:
         if not item.startswith("--gin.") or "=" not in item:

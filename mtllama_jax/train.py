@@ -30,7 +30,7 @@ import gin
 import jax
 import numpy as np
 
-from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
+from mtllama_jax import checkpoints, launch, metrics, optim, partitioning, trainer
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.gin_configurables import GIN_DIR, model_config_from_gin
 
@@ -305,7 +305,7 @@ def _no_data_message(name: str, split: str) -> str:
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths."""
+    """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths, --verbose."""
     parser = argparse.ArgumentParser(prog="mtllama-train", description=__doc__.split("\n")[0])
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
@@ -314,7 +314,9 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--coordinator_address", help="host:port of process 0")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
+    launch.add_verbose_flag(parser)
     args, rest = parser.parse_known_args(argv)
+    launch.configure_logs(args.verbose)
     bindings = []
     for item in rest:
         if not item.startswith("--gin."):

@@ -40,6 +40,7 @@ from mtllama_jax.tasks import p3
 TABLE = os.path.join(os.path.dirname(__file__), "t0_eval_tasks.tsv")
 FIELDS = ("inputs_pretokenized", "answer_choices", "idx", "is_correct")
 ANLI_ROUNDS = ("r1", "r2", "r3")
+log = logging.getLogger(__name__)  # mtllama_jax.tasks.*: shown without --verbose
 
 
 @functools.cache
@@ -88,8 +89,8 @@ def group_choices(rows, source: str):
         no_label += record["label"] < 0
         yield record
     if no_label:
-        logging.warning("%s: %d of %d examples have no correct choice", source, no_label,
-                        len(seen))
+        log.warning("%s: %d of %d examples have no correct choice", source, no_label,
+                    len(seen))
 
 
 class ScoreEvalSource(p3.P3Source):

@@ -46,6 +46,7 @@ from mtllama_jax.tasks import eval_readers
 EVAL_DIR_ENV = "MTLLAMA_EVAL_DIR"
 STYLES = ("code", "card")
 QA_MAX_TOKENS = 1024  # the released code's cut of QA inputs (BOS included)
+log = logging.getLogger(__name__)  # mtllama_jax.tasks.*: shown without --verbose
 
 
 @gin.configurable
@@ -332,11 +333,11 @@ def examples(name: str, split: str) -> list[dict]:
         })
     source = paths[0] if kind == "public" else f"{len(paths)} parquet file(s) of {spec.hub.repo}"
     if ungraded:
-        logging.warning("zero-shot set %s (%s): %d of %d examples have no gold answer or label",
-                        name, source, ungraded, len(out))
+        log.warning("zero-shot set %s (%s): %d of %d examples have no gold answer or label",
+                    name, source, ungraded, len(out))
     if cut:
-        logging.warning("zero-shot set %s (%s): %d of %d contexts cut to fit %d tokens",
-                        name, source, cut, len(out), spec.max_tokens)
+        log.warning("zero-shot set %s (%s): %d of %d contexts cut to fit %d tokens",
+                    name, source, cut, len(out), spec.max_tokens)
     return out
 
 

@@ -101,3 +101,13 @@ def test_history_follows_the_wrapper_layout():
     user.add("Hi", "Hello")
     assert user.prompt("Bye").endswith("### ASSISTANT: Hello\n### USER: Bye\n### ASSISTANT:")
     assert Conversation("raw").stop_strings == ()
+
+
+def test_other_libraries_are_quiet_unless_verbose(model_dir):
+    folder, _ = model_dir
+    args = ("--checkpoint", folder, "--prompt", "hello", "--max_new_tokens", "2")
+    quiet = run_chat(*args)
+    assert quiet.returncode == 0 and quiet.stderr == ""  # TF, XLA, absl, Orbax, t5: nothing
+    verbose = run_chat(*args, "--verbose")
+    assert verbose.returncode == 0 and "CheckpointManagerOptions" in verbose.stderr
+    assert verbose.stdout == quiet.stdout
