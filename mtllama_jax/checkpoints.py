@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mtllama_jax import atomic
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.train_state import TrainState
 
@@ -210,22 +211,14 @@ def write_model_dir_files(
         k: v for k, v in dataclasses.asdict(config).items()
         if k in ("dtype", "param_dtype", "attention", "remat")
     })
-    _atomic_write(os.path.join(model_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
+    atomic.write_text(os.path.join(model_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
     for src in tokenizer_files:
         name = TOKENIZER_MODEL if src.endswith(".model") else os.path.basename(src)
         dst = os.path.join(model_dir, name)
         if os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            atomic.copy_file(src, dst)
     if gin_config is not None:
-        _atomic_write(os.path.join(model_dir, "config.gin"), gin_config)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        atomic.write_text(os.path.join(model_dir, "config.gin"), gin_config)
 
 
 # ---- preemption --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import gin
 import jax
 
-from mtllama_jax import decoding, evaluation, metrics, reports, train, trainer
+from mtllama_jax import atomic, decoding, evaluation, metrics, reports, train, trainer
 from mtllama_jax.gin_configurables import model_config_from_gin
 
 HELD_OUT = {
@@ -163,8 +163,8 @@ def demo(
         "",
         reports.markdown_report(runs),
     ])
-    reports.write_text(os.path.join(run_dir, "results.md"), report)
-    reports.write_text(os.path.join(run_dir, "results.json"), json.dumps(runs, indent=1))
+    atomic.write_text(os.path.join(run_dir, "results.md"), report)
+    atomic.write_text(os.path.join(run_dir, "results.json"), json.dumps(runs, indent=1))
     reports.bar_chart(runs, os.path.join(run_dir, "results.png"),
                       title="Synthetic held-out tasks: before vs after multi-task training")
     loss_curve(model_dir, os.path.join(run_dir, "loss.png"))

@@ -26,7 +26,7 @@ from typing import Sequence
 import gin
 import jax
 
-from mtllama_jax import evaluation, launch, reports
+from mtllama_jax import atomic, evaluation, launch, reports
 from mtllama_jax.config import LlamaConfig
 
 REQUIRED_FILES = {
@@ -152,8 +152,8 @@ def write_outputs(results: dict, output_dir: str, label: str) -> str:
     """results.json, results.md and results.png (each written atomically); returns the tables."""
     os.makedirs(output_dir, exist_ok=True)
     table = reports.markdown_report({label: results})
-    reports.write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1))
-    reports.write_text(os.path.join(output_dir, "results.md"), table)
+    atomic.write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1))
+    atomic.write_text(os.path.join(output_dir, "results.md"), table)
     if results["tasks"]:
         reports.bar_chart({label: results}, os.path.join(output_dir, "results.png"))
     return table

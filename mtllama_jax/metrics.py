@@ -20,6 +20,7 @@ from typing import Mapping
 
 import jax
 
+from mtllama_jax import atomic
 from mtllama_jax.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
@@ -144,10 +145,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     kept = [line for line in lines if json.loads(line)["step"] <= last_step]
     if len(kept) == len(lines):
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(kept))
 
 
 def read_jsonl(path: str, kind: str = "train") -> list[dict]:

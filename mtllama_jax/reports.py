@@ -12,8 +12,9 @@ Both take several runs ({label: results}), e.g. before and after training.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Mapping
+
+from mtllama_jax import atomic
 
 # Columns of the model card's tables: (header, zero-shot set).
 UNSEEN_DATASETS = [("XQuAD-en", "xquad_en"), ("TyDiQA-en", "tydiqa_en"), ("MLQA-en", "mlqa_en"),
@@ -175,25 +176,12 @@ def bar_chart(runs: Mapping[str, Mapping], path: str, title: str = "Zero-shot re
 
 
 def save_figure(fig, path: str) -> None:
-    """Saves a matplotlib figure as PNG atomically (temporary file, then rename) and closes it."""
+    """Saves a matplotlib figure as PNG atomically (`mtllama_jax.atomic`) and closes it."""
     import matplotlib.pyplot as plt
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes a report file atomically (temporary file beside it, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

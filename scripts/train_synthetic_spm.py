@@ -11,11 +11,10 @@ tokenizer: unk 0, bos 1, eos 2, no pad, byte fallback, no text normalisation.
 import argparse
 import io
 import os
-import tempfile
 
 import sentencepiece as spm
 
-from mtllama_jax import formats
+from mtllama_jax import atomic, formats
 from mtllama_jax.tasks import synthetic
 
 CORPUS_SEED = 12345  # the tasks use seed 0
@@ -47,9 +46,7 @@ def main():
         num_threads=2, minloglevel=2,
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(args.out), delete=False) as f:
-        f.write(model.getvalue())
-    os.replace(f.name, args.out)
+    atomic.write_bytes(args.out, model.getvalue())
     print(f"wrote {args.out} ({len(model.getvalue())} bytes, vocab {args.vocab_size})")
 
 
