@@ -18,14 +18,23 @@ keywords, in choice order, and no fallback.
 (lower case, punctuation and surrounding space dropped).
 
 QA outputs: `qa_prediction` applies the code's "an output containing 'None' is
-an empty answer" before SQuAD F1/EM.
+an empty answer" before F1/EM, which follow the official script each set's
+published number used (`QA_SCORING`, as MT-LLaMA's `mQA/train-QA.py` picked
+them): SQuAD v1.1's for SQuAD, XQuAD and TyDiQA-GoldP, MLQA's
+`mlqa_evaluation_v1.py` (lang `en`) for MLQA. The two differ in punctuation:
+SQuAD's removes ASCII punctuation only, MLQA's every Unicode punctuation
+character too (curly quotes, dashes, guillemets, ellipses).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import re
 import string
+import sys
+import unicodedata
 from typing import Sequence
 
 # Keyword tables of the released code, in its order: keyword -> the answer it means.
@@ -49,7 +58,11 @@ KEYWORD_RULES: dict[str, tuple[list[tuple[str, str | int]], str | int]] = {
     "rte": ([("yes", "yes"), ("no", "no")], "yes"),
 }
 SIMILARITY_SETS = ("copa", "winogrande")
-QA_SETS = ("squad", "xquad_en", "tydiqa_en", "mlqa_en")
+# QA set -> the rules of the official script its published F1/EM came from.
+QA_SCORING = {"squad": "squad", "xquad_en": "squad", "tydiqa_en": "squad", "mlqa_en": "mlqa"}
+QA_SCRIPTS = {"squad": "SQuAD v1.1's `evaluate-v1.1.py`",
+              "mlqa": "MLQA's `mlqa_evaluation_v1.py`, lang `en`"}
+QA_SETS = tuple(QA_SCORING)
 # Longest names first, so "xquad_en" is not taken for "squad".
 _KNOWN = sorted((*KEYWORD_RULES, *SIMILARITY_SETS, *QA_SETS), key=len, reverse=True)
 
@@ -127,4 +140,18 @@ def match_strict(output: str, choices: Sequence[str]) -> Match:
 def qa_prediction(output: str) -> str:
     """The released QA scoring's span: empty when the output contains 'None'."""
     return "" if "None" in output else output.strip()
+
+
+@functools.cache
+def _unicode_punctuation() -> frozenset[str]:
+    """MLQA's PUNCT: every character of a Unicode punctuation category (P*), and ASCII's."""
+    return frozenset(chr(i) for i in range(sys.maxunicode)
+                     if unicodedata.category(chr(i)).startswith("P")) | set(string.punctuation)
+
+
+def normalize_mlqa_en(text: str) -> str:
+    """MLQA's `normalize_answer(text, lang="en")`: lower case, Unicode punctuation, articles."""
+    punctuation = _unicode_punctuation()
+    text = "".join(ch for ch in text.lower() if ch not in punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 

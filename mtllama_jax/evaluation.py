@@ -3,7 +3,8 @@
 * `generate` (MT-LLaMA's): greedy decoding of up to 64 new tokens, stopped at a
   newline or EOS; the text is mapped to an answer choice by the released code's
   matcher and by a strict matcher (`mtllama_jax.answer_matching`), reported side
-  by side; QA sets (no choices, gold `answers`) get SQuAD v1.1 F1/EM.
+  by side; QA sets (no choices, gold `answers`) get F1/EM under the official
+  script of each set (SQuAD v1.1's; MLQA's for MLQA-en).
 * `rank` (T0's): the answer choice with the highest summed log-likelihood after
   the prompt; lm-evaluation-harness' `acc_norm` (log-likelihood divided by the
   choice's length in characters) beside it.
@@ -188,7 +189,8 @@ def evaluate_examples(
         outputs, truncated = _generate_all(decoder, params, vocabulary, prompts, options, progress)
         result["truncated_prompts"] = truncated
         if is_qa:
-            result["generate"] = qa_scores(outputs, answers, predictions)
+            result["qa_scoring"] = answer_matching.QA_SCORING.get(zero_shot_set, "squad")
+            result["generate"] = qa_scores(outputs, answers, predictions, result["qa_scoring"])
         else:
             result["generate"] = _choice_scores(
                 outputs, choices, labels, has_choices, zero_shot_set, predictions
@@ -247,13 +249,21 @@ def _choice_scores(outputs, choices, labels, has_choices, zero_shot_set, predict
     }
 
 
-def qa_scores(outputs: Sequence[str], answers: Sequence[Sequence[str]], predictions=None):
-    """SQuAD v1.1 F1/EM (x100, max over gold answers) of generated outputs.
+def qa_scores(outputs: Sequence[str], answers: Sequence[Sequence[str]], predictions=None,
+              scoring: str = "squad"):
+    """F1/EM (x100, max over gold answers) of generated outputs under an official script's rules.
 
-    The released code's rule first: an output containing "None" is an empty
-    answer. Examples without gold answers are left out.
+    `scoring`: "squad" (SQuAD v1.1's `evaluate-v1.1.py`) or "mlqa" (MLQA's
+    `mlqa_evaluation_v1.py`, lang en; see `answer_matching`). The released code's
+    rule first: an output containing "None" is an empty answer. Examples without
+    gold answers are left out.
     """
-    from t5.evaluation import metrics  # SQuAD v1.1's official normalisation
+    from t5.evaluation import qa_utils  # SQuAD v1.1's official normalisation
+
+    normalizers = {"squad": qa_utils.normalize_squad, "mlqa": answer_matching.normalize_mlqa_en}
+    if scoring not in normalizers:
+        raise ValueError(f"scoring={scoring!r}: choose from {sorted(normalizers)}")
+    normalize = normalizers[scoring]
 
     golds, preds = [], []
     for i, text in enumerate(outputs):
@@ -265,7 +275,8 @@ def qa_scores(outputs: Sequence[str], answers: Sequence[Sequence[str]], predicti
             preds.append(span)
     if not golds:
         return {"f1": 0.0, "em": 0.0}
-    scores = metrics.squad(golds, preds)
+    scores = qa_utils.qa_metrics([[normalize(g) for g in gold] for gold in golds],
+                                 [normalize(p) for p in preds])
     return {"f1": float(scores["f1"]), "em": float(scores["em"])}
 
 

@@ -40,7 +40,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from mtllama_jax import formats, vocab
+from mtllama_jax import answer_matching, formats, vocab
 from mtllama_jax.tasks import eval_readers
 
 EVAL_DIR_ENV = "MTLLAMA_EVAL_DIR"
@@ -342,16 +342,21 @@ def examples(name: str, split: str) -> list[dict]:
 
 
 def data_table() -> str:
-    """The markdown table of `tasks/EVAL_DATA.md`: per task, split files and sources."""
+    """The markdown table of `tasks/EVAL_DATA.md`: per task, split files, sources, scoring."""
     lines = ["| task | split: file under the folder (format) | where to get it | or the "
-             "hub's parquet: `hub/<stem>-*.parquet` or `hub/<stem>/*.parquet` |",
-             "|---|---|---|---|"]
+             "hub's parquet: `hub/<stem>-*.parquet` or `hub/<stem>/*.parquet` | scored as "
+             "the published number (`generate`) |",
+             "|---|---|---|---|---|"]
     for name, spec in SETS.items():
         files = "<br>".join(f"{split}: `{rel}`" for split, rel in spec.files.items())
         hub = "<br>".join(f"{split}: `{spec.hub.stem(split)[len('hub/'):]}`"
                           + (f" (revision `{spec.hub.revision}`)" if spec.hub.revision else "")
                           for split in spec.hub.splits)
-        lines.append(f"| `zeroshot_{name}` | {files} ({spec.format}) | {spec.source} | {hub} |")
+        scoring = answer_matching.QA_SCORING.get(name)
+        scored = (f"F1/EM by {answer_matching.QA_SCRIPTS[scoring]}" if scoring
+                  else "accuracy, the released code's matcher")
+        lines.append(f"| `zeroshot_{name}` | {files} ({spec.format}) | {spec.source} | {hub} "
+                     f"| {scored} |")
     return "\n".join(lines) + "\n"
 
 

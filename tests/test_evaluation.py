@@ -233,3 +233,45 @@ def test_report_tables_and_chart_put_published_rows_beside_ours(tmp_path):
     assert "`zeroshot_wic`: FileNotFoundError: wic/val.jsonl" in table
     reports.bar_chart({"before": run}, str(tmp_path / "chart.png"))
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# Crafted pairs where SQuAD v1.1's script (ASCII punctuation) and MLQA's
+# `mlqa_evaluation_v1.py` (lang en: every Unicode punctuation character) disagree.
+@pytest.mark.parametrize(
+    "output, gold, squad_f1_em, mlqa_f1_em",
+    [
+        ("Hamlet", "“Hamlet”", (0.0, 0.0), (100.0, 100.0)),  # curly quotes
+        ("1990-1995", "1990–1995", (0.0, 0.0), (100.0, 100.0)),  # ASCII hyphen vs en dash
+        ("Les Misérables", "«Les Misérables»", (0.0, 0.0), (100.0, 100.0)),  # guillemets
+        ("and so on…", "and so on", (2 / 3 * 100, 0.0), (100.0, 100.0)),  # an ellipsis
+        ("the «best» of times", "best of times", (2 / 3 * 100, 0.0), (100.0, 100.0)),
+        ("€100", "100", (0.0, 0.0), (0.0, 0.0)),  # a currency sign is a symbol, kept by both
+        ("$100", "100", (100.0, 100.0), (100.0, 100.0)),  # ASCII '$' is punctuation to both
+    ],
+)
+def test_qa_scoring_follows_the_sets_official_script(output, gold, squad_f1_em, mlqa_f1_em):
+    for scoring, (f1, em) in (("squad", squad_f1_em), ("mlqa", mlqa_f1_em)):
+        scores = evaluation.qa_scores([output], [[gold]], scoring=scoring)
+        assert (scores["f1"], scores["em"]) == (pytest.approx(f1), pytest.approx(em)), scoring
+
+
+def test_mlqa_en_is_scored_by_mlqas_rules_and_squad_by_squads(vocab, planted_params, decoder):
+    prompt = [1] + list(vocab.encode("question river"))
+    text = decoder.generate(planted_params, [prompt], max_new_tokens=4, stop_strings=["\n"],
+                            detokenize=vocab.decode)[0].text.strip()
+    example = {"inputs": "question river", "targets": "", "answer_choices": [],
+               "answers": [f"“{text}”"], "label": -1, "example_id": "q0"}
+    for name in ("zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"):
+        _register(name, [example], vocab)
+    results = evaluation.evaluate(
+        planted_params, CONFIG, vocab, ["zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"],
+        OPTIONS, decoder=decoder)["tasks"]
+    mlqa, squad = results["zeroshot_mlqa_en_fixture"], results["zeroshot_squad_fixture"]
+    assert (mlqa["qa_scoring"], squad["qa_scoring"]) == ("mlqa", "squad")
+    assert mlqa["generate"] == {"f1": 100.0, "em": 100.0}
+    assert squad["generate"]["em"] == 0.0
+
+
+def test_unknown_qa_scoring_is_named():
+    with pytest.raises(ValueError, match="scoring='tydi'"):
+        evaluation.qa_scores(["a"], [["a"]], scoring="tydi")
