@@ -17,14 +17,27 @@ The arithmetic, element by element, in IEEE fp16 as the published delta:
   difference (off by at most one ulp) and are counted on stderr.
 
 config.json and the tokenizer come from the delta (apply) or the target (make).
+A delta saved by FastChat 0.2 under transformers 5 has `tokenizer.json` but no
+`tokenizer.model`; the base's `tokenizer.model` is then taken, when its pieces
+are the tokenizer.json's, id for id, up to an added `[PAD]` right after them
+(said on stderr), and any other vocabulary is refused.
+
+FastChat versions: 0.1.x's `apply_delta` resizes the base to the delta's
+vocabulary as MT-LLaMA's 32001-row delta needs, and this tool does the same;
+0.2.x has no `[PAD]` resize, so it cannot apply MT-LLaMA's delta at all, but
+its deltas of same-vocabulary models (and their tokenizer.json-only folders)
+apply here.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 
 import numpy as np
+import sentencepiece as spm
 
 from mtllama_jax import checkpoint_folder
 from mtllama_jax.config import LlamaConfig
@@ -76,7 +89,7 @@ def _stream(base, other, out, op, max_shard_size, overwrite, role: str) -> None:
     """out = op(base16 resized, other16) tensor by tensor, with `other`'s config and tokenizer."""
     base, other = os.fspath(base), os.fspath(other)
     base_config, config = LlamaConfig.from_hf(base), LlamaConfig.from_hf(other)
-    tokenizer = checkpoint_folder.tokenizer_path(other)  # checked before any work
+    base_tokenizer = _base_tokenizer_for(base, other, role)  # checked before any work
     if config.vocab_size not in (base_config.vocab_size, base_config.vocab_size + 1):
         raise ValueError(
             f"{role} {other} has vocab_size {config.vocab_size} but base {base} has "
@@ -112,8 +125,45 @@ def _stream(base, other, out, op, max_shard_size, overwrite, role: str) -> None:
     with checkpoint_folder.staged(out, overwrite=overwrite) as tmp:
         hf_files.write_safetensors(tmp, specs, tensors(), hf_files.parse_size(max_shard_size))
         orbax_hf.write_hf_config(tmp, config.replace(param_dtype="float16"), "float16")
-        orbax_hf.copy_tokenizer(os.path.dirname(tokenizer), tmp)
+        orbax_hf.copy_tokenizer(other, tmp)
+        if base_tokenizer:
+            shutil.copyfile(base_tokenizer, os.path.join(tmp, checkpoint_folder.TOKENIZER))
         manifest.write(tmp)
+
+
+def _base_tokenizer_for(base: str, other: str, role: str) -> str | None:
+    """None when `other` has a tokenizer.model; the base's when it has an agreeing tokenizer.json.
+
+    Raises naming the missing file, or the first piece where the vocabularies differ.
+    """
+    tokenizer_json = os.path.join(other, "tokenizer.json")
+    if (os.path.exists(os.path.join(other, checkpoint_folder.TOKENIZER))
+            or not os.path.exists(tokenizer_json)):
+        checkpoint_folder.tokenizer_path(other)  # raises naming tokenizer.model when missing
+        return None
+    taken = checkpoint_folder.tokenizer_path(base)
+    processor = spm.SentencePieceProcessor(model_file=taken)
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    with open(tokenizer_json) as f:
+        spec = json.load(f)
+    ids = {i: piece for piece, i in spec.get("model", {}).get("vocab", {}).items()}
+    ids.update({t["id"]: t["content"] for t in spec.get("added_tokens", [])})
+    added = {i: piece for i, piece in ids.items() if i >= len(pieces)}
+    differ = [i for i, piece in enumerate(pieces) if ids.get(i) != piece]
+    if differ or added not in ({}, {len(pieces): "[PAD]"}):
+        what = (f"id {differ[0]} is {ids.get(differ[0])!r} there but {pieces[differ[0]]!r} in "
+                f"the base" if differ else f"it adds {sorted(added.items())[:3]} after the "
+                f"base's {len(pieces)} pieces")
+        raise ValueError(
+            f"{role} {other} has no {checkpoint_folder.TOKENIZER} and its tokenizer.json is not "
+            f"the base's vocabulary ({what}); copy the tokenizer.model the {role} was made with "
+            f"into {other}"
+        )
+    extra = f", plus [PAD] {len(pieces)}" if added else ""
+    print(f"{role} {other} has no {checkpoint_folder.TOKENIZER} (tokenizer.json only, as "
+          f"FastChat 0.2 saves under transformers 5): took {taken}, whose {len(pieces)} pieces "
+          f"are tokenizer.json's{extra}", file=sys.stderr)
+    return taken
 
 
 def _resized(shape, name: str, vocab: int) -> tuple[int, ...]:

@@ -9,7 +9,8 @@ import torch
 from safetensors.numpy import save_file
 
 from mtllama_jax.convert import delta, manifest
-from test_convert_hf import assert_bitwise, convert, make_hf, read_all, tokenizer_model  # noqa: F401 (fixture)
+
+from conftest import assert_bitwise, convert, make_hf, read_all
 
 F16 = np.float16
 
@@ -146,3 +147,63 @@ def test_bad_deltas_are_refused_naming_what_differs(tmp_path, base_and_target, t
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         manifest.check(base)
+
+
+def fastchat_02_tokenizer(folder, spm_model):
+    """What FastChat 0.2 saves under transformers 5: tokenizer.json (+ config), no .model.
+
+    Its make_delta saves the tokenizer through transformers, which writes only the
+    `tokenizers` files; MT-LLaMA's [PAD] is added as its training script does.
+    """
+    import transformers
+
+    source = folder.parent / f"{folder.name}-source"
+    source.mkdir()
+    with open(spm_model, "rb") as src:
+        (source / "tokenizer.model").write_bytes(src.read())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    for name in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                 manifest.NAME):
+        if (folder / name).exists():
+            os.remove(folder / name)
+    tokenizer.save_pretrained(folder)
+    assert not (folder / "tokenizer.model").exists() and (folder / "tokenizer.json").exists()
+
+
+def test_a_fastchat_02_delta_with_tokenizer_json_only_applies(tmp_path, base_and_target, capsys):
+    base, target = base_and_target
+    convert("make-delta", "--base", base, "--target", target, "--out", tmp_path / "delta")
+    fastchat_02_tokenizer(tmp_path / "delta", os.path.join(base, "tokenizer.model"))
+    capsys.readouterr()
+    convert("apply-delta", "--base", base, "--delta", tmp_path / "delta", "--out",
+            tmp_path / "applied")
+    err = capsys.readouterr().err
+    assert "has no tokenizer.model (tokenizer.json only" in err and "plus [PAD] 64" in err
+    applied = tmp_path / "applied"
+    assert_bitwise(read_all(applied), {n: a.astype(F16) for n, a in read_all(target).items()})
+    with open(os.path.join(base, "tokenizer.model"), "rb") as f:
+        assert (applied / "tokenizer.model").read_bytes() == f.read()  # taken from the base
+    assert (applied / "tokenizer.json").read_bytes() == (
+        tmp_path / "delta" / "tokenizer.json").read_bytes()
+    convert("verify", applied)
+
+
+def test_a_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, base_and_target, capsys):
+    import sentencepiece as spm
+
+    base, target = base_and_target
+    convert("make-delta", "--base", base, "--target", target, "--out", tmp_path / "delta")
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"river stone cloud {i} lorem ipsum" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(other), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=64, model_type="bpe", bos_id=1, eos_id=2,
+                                   unk_id=0, minloglevel=2)
+    fastchat_02_tokenizer(tmp_path / "delta", tmp_path / "other.model")
+    with pytest.raises(SystemExit):
+        convert("apply-delta", "--base", base, "--delta", tmp_path / "delta", "--out",
+                tmp_path / "applied")
+    err = capsys.readouterr().err
+    assert "has no tokenizer.model and its tokenizer.json is not the base's vocabulary" in err
+    assert "copy the tokenizer.model the delta was made with" in err
+    assert not (tmp_path / "applied").exists()

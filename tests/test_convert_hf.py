@@ -1,12 +1,10 @@
 """HF <-> Orbax conversion: bitwise round trips, transformers parity, MODEL_DIR, unsafe .bin, bad input."""
 
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 import transformers
 from safetensors import safe_open
@@ -14,55 +12,11 @@ from safetensors.torch import save_file
 
 from mtllama_jax import checkpoint_folder, checkpoints
 from mtllama_jax.config import LlamaConfig
-from mtllama_jax.convert import cli, hf_files, hf_params, manifest
+from mtllama_jax.convert import hf_files, hf_params, manifest
 from mtllama_jax.model import LlamaForCausalLM
 from mtllama_jax.train_state import TrainState
 
-HF_CONFIG = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_model(tmp_path_factory):
-    """A real SentencePiece model trained on a few sentences (vocab 64)."""
-    folder = tmp_path_factory.mktemp("spm")
-    text = folder / "text.txt"
-    words = "the cat sat on a mat while dogs ran far away from home in rain".split()
-    rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"),
-                                   vocab_size=64, model_type="bpe", bos_id=1, eos_id=2,
-                                   unk_id=0, minloglevel=2)
-    return str(folder / "tokenizer.model")
-
-
-def make_hf(folder, tokenizer_model, *, dtype=torch.float32, seed=0, shard=None, **overrides):
-    """Saves a random HF LlamaForCausalLM (+ tokenizer files) to `folder`."""
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_CONFIG, **overrides}))
-    model.to(dtype).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
-    with open(tokenizer_model, "rb") as src, open(os.path.join(folder, "tokenizer.model"),
-                                                     "wb") as dst:
-        dst.write(src.read())
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
-    return str(folder)
-
-
-def read_all(folder):
-    weights = hf_files.HFWeights(folder)
-    return {n: weights.get(n) for n in weights.names()}
-
-
-def assert_bitwise(a, b):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert a[name].tobytes() == b[name].tobytes(), name
-
-
-def convert(*argv):
-    cli.main([str(a) for a in argv])
+from conftest import assert_bitwise, convert, make_hf, read_all
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
