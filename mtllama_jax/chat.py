@@ -7,7 +7,10 @@ The REPL keeps the conversation: each turn is appended to the transcript in
 the wrapper's own layout (`mtllama`: `SYSTEM### Human: ...### Assistant: ...`),
 and the whole transcript is the next prompt (cut from the left when it outgrows
 the context). `/reset` starts over, `/quit` or end of input leaves. A reply
-ends at EOS, at the wrapper's next turn tag (`###`), or at `--max_new_tokens`.
+ends at EOS, at the wrapper's next turn tag (`###`), or at `--max_new_tokens`:
+by default what the model's context leaves after the prompt (at least a quarter
+of the context; the transcript's start is cut for it), and a larger request is
+cut to that, saying so. `--dtype` computes in another dtype than config.json's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Sequence
 import jax
 
 from mtllama_jax import decoding, launch, partitioning
+from mtllama_jax.config import COMPUTE_DTYPES
 
 
 class Conversation:
@@ -55,30 +59,42 @@ class Chat:
     """A loaded checkpoint, its tokenizer and a decoder; `reply` streams one turn."""
 
     def __init__(self, checkpoint: str, *, mesh=(1, 1, 1), rules: str = "data",
-                 mtllama_quirks: bool = False):
+                 mtllama_quirks: bool = False, dtype: str | None = None):
         from mtllama_jax.eval import open_checkpoint
         from mtllama_jax.vocab import LlamaVocabulary
 
         devices = jax.devices() if -1 in mesh else jax.devices()[: math.prod(mesh)]
         self.mesh = partitioning.make_mesh(*mesh, devices=devices)
         self.rules = partitioning.logical_axis_rules(rules)
-        self.config, self.params, tokenizer = open_checkpoint(checkpoint, self.mesh, self.rules)
+        self.config, self.params, tokenizer = open_checkpoint(
+            checkpoint, self.mesh, self.rules, dtype=dtype)
         self.vocab = LlamaVocabulary(tokenizer, mtllama_quirks=mtllama_quirks)
         self.decoder = decoding.Decoder(self.config, self.mesh, self.rules)
+        self._cut_said = False
 
-    def reply(self, prompt: str, sampling: decoding.Sampling, max_new_tokens: int,
+    def reply(self, prompt: str, sampling: decoding.Sampling, max_new_tokens: int | None,
               stop_strings: Sequence[str], rng: jax.Array, out=None) -> str:
-        """Streams the reply to `prompt` to `out` (stdout) and returns its text."""
+        """Streams the reply to `prompt` to `out` (stdout) and returns its text.
+
+        `max_new_tokens` None: what the context leaves (`reply_budget`).
+        """
         out = out or sys.stdout
         ids = [self.vocab.bos_id] + list(self.vocab.encode(prompt))
         eos = {self.config.eos_token_id, self.vocab.eos_id}
+        context = self.config.max_position_embeddings
+        budget = reply_budget(max_new_tokens, len(ids), context)
+        if max_new_tokens is not None and budget != max_new_tokens and not self._cut_said:
+            print(f"[--max_new_tokens={max_new_tokens} does not fit the model's context of "
+                  f"{context} tokens: a reply gets what the context leaves after the prompt, "
+                  f"{budget} tokens here]", file=sys.stderr)
+            self._cut_said = True
 
         def stream(row, text):
             out.write(text)
             out.flush()
 
         gen = self.decoder.generate(
-            self.params, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+            self.params, [ids], max_new_tokens=budget, sampling=sampling,
             stop_token_ids=sorted(eos), stop_strings=stop_strings, detokenize=self.vocab.decode,
             rng=rng, stream=stream,
         )[0]
@@ -89,6 +105,16 @@ class Chat:
         return gen.text
 
 
+def reply_budget(requested: int | None, prompt_length: int, context: int) -> int:
+    """New tokens for one reply: `requested`, else what the context leaves after the prompt.
+
+    What is left is at least a quarter of the context (the decoder then cuts the
+    prompt's start); a request the context can never hold is cut to what is left.
+    """
+    left = max(context - prompt_length, context // 4, 1)
+    return left if requested is None or requested >= context else requested
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mtllama-chat", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
@@ -96,7 +122,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--wrapper", default="mtllama",
                         help="prompt wrapper: mtllama, mtllama_user, alpaca, raw")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int,
+                        help="reply length limit (default: what the model's context leaves)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1: off")
@@ -104,6 +131,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--mesh", default="1,1,1",
                         help="data,fsdp,tensor sizes (-1 once: the remaining devices)")
     parser.add_argument("--rules", default="data", help="logical axis rules: data, fsdp, fsdp_tp")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES,
+                        help="compute dtype (default: the checkpoint's config.json)")
     parser.add_argument("--mtllama_quirks", action="store_true",
                         help="MT-LLaMA's tokenizer: [PAD] 32000 and BOS written as </s>")
     launch.add_verbose_flag(parser)
@@ -126,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         conversation = Conversation(args.wrapper)
         chat = Chat(args.checkpoint, mesh=args.mesh, rules=args.rules,
-                    mtllama_quirks=args.mtllama_quirks)
+                    mtllama_quirks=args.mtllama_quirks, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         print(f"mtllama-chat: {e}", file=sys.stderr)
         return 2

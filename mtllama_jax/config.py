@@ -16,6 +16,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+# Compute dtypes eval and chat take instead of config.json's (hf-to-jax writes bfloat16;
+# MT-LLaMA's released evaluation ran in float16).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = {

@@ -27,7 +27,7 @@ import gin
 import jax
 
 from mtllama_jax import atomic, evaluation, launch, reports
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.config import COMPUTE_DTYPES, LlamaConfig
 
 REQUIRED_FILES = {
     "config.json": "the model's Hugging Face config (written by mtllama-train and mtllama-convert)",
@@ -57,14 +57,21 @@ def load_config(folder: str) -> LlamaConfig:
     return LlamaConfig.from_hf(hf, **own)
 
 
-def open_checkpoint(folder: str, mesh, rules, step: int | None = None):
-    """(config, params on the mesh, tokenizer path) of a checkpoint folder."""
+def open_checkpoint(folder: str, mesh, rules, step: int | None = None,
+                    dtype: str | None = None):
+    """(config, params on the mesh, tokenizer path) of a checkpoint folder.
+
+    `dtype` replaces the compute dtype of its config.json (one of COMPUTE_DTYPES);
+    the params keep their stored dtype.
+    """
     import flax.linen as nn
 
     from mtllama_jax import checkpoints, partitioning
 
     check_checkpoint_folder(folder)
     config = load_config(folder)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
     shardings = partitioning.param_shardings(config, mesh, rules)
     if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
         import orbax.checkpoint as ocp
@@ -111,6 +118,7 @@ def evaluate_checkpoint(
     max_examples: int | None = None,
     fail_on_missing: bool = False,
     keep_predictions: bool = True,
+    dtype: str | None = None,
 ):
     """The evaluation job (gin/runs/eval.gin). Returns the results dict.
 
@@ -127,11 +135,15 @@ def evaluate_checkpoint(
       max_examples: at most this many examples per task (None: all).
       fail_on_missing: a task whose data is not on disk is an error instead of skipped.
       keep_predictions: store each example's output, picks and log-likelihoods.
+      dtype: compute dtype, float32, bfloat16 or float16 (None: the checkpoint's
+        config.json); results.json records the one used.
     """
     from mtllama_jax.train import mesh
 
     mesh_, rules = mesh()
-    config, params, tokenizer = open_checkpoint(checkpoint, mesh_, rules, step)
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"evaluate_checkpoint.dtype={dtype!r}: choose one of {COMPUTE_DTYPES}")
+    config, params, tokenizer = open_checkpoint(checkpoint, mesh_, rules, step, dtype)
     options = evaluation.EvalOptions(
         protocols=tuple(protocols), split=split, batch_size=batch_size,
         max_new_tokens=max_new_tokens, max_examples=max_examples,
@@ -142,6 +154,7 @@ def evaluate_checkpoint(
         mesh=mesh_, rules=rules, progress=True,
     )
     results["checkpoint"] = os.path.abspath(checkpoint)
+    results["dtype"] = config.dtype
     results["label"] = label or os.path.basename(os.path.normpath(checkpoint))
     if jax.process_index() == 0:
         write_outputs(results, output_dir, results["label"])

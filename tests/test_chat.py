@@ -111,3 +111,35 @@ def test_other_libraries_are_quiet_unless_verbose(model_dir):
     verbose = run_chat(*args, "--verbose")
     assert verbose.returncode == 0 and "CheckpointManagerOptions" in verbose.stderr
     assert verbose.stdout == quiet.stdout
+
+
+@pytest.mark.parametrize("requested, prompt_length, budget", [
+    (None, 100, 284),  # what the context of 384 leaves
+    (None, 380, 96),  # at least a quarter of it (the prompt's start is cut)
+    (64, 380, 64),  # a request that fits is kept
+    (384, 10, 374),  # one the context can never hold is cut
+    (256, 200, 256),
+])
+def test_reply_budget(requested, prompt_length, budget):
+    assert chat.reply_budget(requested, prompt_length, 384) == budget
+
+
+def test_a_max_new_tokens_the_context_cannot_hold_is_cut_and_said(model_dir, capsys):
+    folder, _ = model_dir
+    assert chat.main(["--checkpoint", folder, "--prompt", "hello", "--max_new_tokens",
+                      str(CONFIG.max_position_embeddings)]) == 0
+    err = capsys.readouterr().err
+    assert "--max_new_tokens=384 does not fit the model's context of 384 tokens" in err
+
+
+def test_dtype_flag_replaces_the_checkpoints_compute_dtype(model_dir, capsys):
+    folder, _ = model_dir
+    assert CONFIG.dtype == "float32"
+    talk = chat.Chat(folder, dtype="float16")
+    assert talk.config.dtype == talk.decoder.config.dtype == "float16"
+    assert talk.params["embed"]["embedding"].dtype == jnp.float32  # stored weights unchanged
+    assert chat.main(["--checkpoint", folder, "--prompt", "hi", "--max_new_tokens", "2",
+                      "--dtype", "bfloat16"]) == 0
+    with pytest.raises(SystemExit):
+        chat.main(["--checkpoint", folder, "--dtype", "int8"])
+    assert "--dtype: invalid choice: 'int8'" in capsys.readouterr().err
