@@ -11,6 +11,8 @@ the window.
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,8 +38,11 @@ def sentence(rng, n):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
+    return build_folders(tmp_path_factory.mktemp("lm_eval"))
+
+
+def build_folders(root):
     """(checkpoint folder, its jax-to-hf export, the data folder with the tasks' JSONL)."""
-    root = tmp_path_factory.mktemp("lm_eval")
     rng = np.random.default_rng(0)
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(sentence(rng, 9) + rng.choice([".", "?", ","])
@@ -194,3 +199,21 @@ def test_a_hugging_face_folder_opens_converted_in_memory(folders, ours):
     hf = MtllamaLM(checkpoint=folders[1], dtype="float32", batch_size=4)
     reqs = [request("loglikelihood", "the cat", " sat on a mat")]
     assert hf.loglikelihood(reqs) == ours.loglikelihood(reqs)
+
+
+def test_cli_runs_lm_evals_flags_and_leaves_out_a_task_missing_offline(folders, tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    run = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mtllama-lm-eval"), "--model",
+         "mtllama_jax", "--model_args", f"checkpoint={folders[0]}", "dtype=float32",
+         "--tasks", "fixture_mc,fixture_missing", "--include_path", FIXTURES,
+         "--batch_size", "4", "--output_path", str(out)],
+        cwd=folders[2], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "task fixture_missing left out, its dataset is not available offline" in run.stderr
+    assert "absent.jsonl" in run.stderr and "export HF_HOME=" in run.stderr
+    (results,) = out.rglob("results_*.json")
+    got = json.loads(results.read_text())["results"]
+    assert list(got) == ["fixture_mc"] and "acc,none" in got["fixture_mc"]
+    assert "|fixture_mc|" in run.stdout  # lm-eval's own table
