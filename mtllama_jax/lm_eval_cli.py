@@ -9,7 +9,8 @@ and hands every flag to lm-eval's CLI unchanged; results land where lm-eval
 puts them. Before that it
 
 * sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE (unless set): nothing is downloaded;
-* resolves this project's groups (`lamini`: tasks/lm_eval/lamini.yaml);
+* adds this project's lm-eval tasks (tasks/lm_eval/: the `lamini` group) to
+  the task folders, beside any --include_path;
 * opens each requested task's dataset: a task whose dataset is not available
   offline is named with the fix and left out, and the others run (a group with
   such a task runs as its remaining tasks).
@@ -33,10 +34,15 @@ OFFLINE_FIX = (
 )
 
 
-def project_groups() -> dict[str, str]:
-    """This project's lm-eval groups: name -> YAML path (no import of mtllama_jax.tasks)."""
+def project_tasks() -> str:
+    """The folder of this project's lm-eval tasks (found without importing mtllama_jax.tasks)."""
     folder = importlib.util.find_spec("mtllama_jax.tasks").submodule_search_locations[0]
-    return {"lamini": os.path.join(folder, "lm_eval", "lamini.yaml")}
+    return os.path.join(folder, "lm_eval")
+
+
+def project_groups() -> dict[str, str]:
+    """This project's lm-eval groups: name -> YAML path."""
+    return {"lamini": os.path.join(project_tasks(), "lamini.yaml")}
 
 
 def split_tasks(argv: Sequence[str]) -> tuple[list[str] | None, list[str]]:
@@ -60,27 +66,37 @@ def split_tasks(argv: Sequence[str]) -> tuple[list[str] | None, list[str]]:
     return [t for item in known.tasks for t in item.split(",") if t], rest
 
 
-def include_path(argv: Sequence[str]) -> str | None:
+def include_paths(argv: Sequence[str]) -> list[str]:
+    """This project's task folder, then the --include_path of argv if any."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--include_path")
-    return parser.parse_known_args(argv)[0].include_path
+    given = parser.parse_known_args(argv)[0].include_path
+    return [project_tasks()] + ([given] if given else [])
 
 
-def available_tasks(names: Sequence[str], include: str | None):
+def available_tasks(names: Sequence[str], include: Sequence[str]):
     """(names to run, {task: why it cannot run offline}); groups of this project expand."""
     import yaml
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include)
+    local = TaskManager(include_defaults=False, include_path=list(include))  # quick to index
+    managers = {}
     groups = project_groups()
     missing: dict[str, str] = {}
 
     def opens(name: str) -> bool:
+        if name in local.all_tasks or name in local.all_groups:
+            manager = local
+        else:  # one of lm-eval's own: index them all, once
+            manager = managers.get("all") or managers.setdefault(
+                "all", TaskManager(include_path=list(include)))
         try:
             manager.load([name])
         except OSError as e:  # ConnectionError offline, FileNotFoundError for local files
             missing[name] = f"{type(e).__name__}: {e}"
             return False
+        except KeyError:  # not a task: lm-eval's CLI reports it
+            pass
         return True
 
     kept = []
@@ -89,7 +105,7 @@ def available_tasks(names: Sequence[str], include: str | None):
             with open(groups[name]) as f:
                 members = yaml.safe_load(f)["task"]
             present = [m for m in members if opens(m)]
-            kept += [groups[name]] if len(present) == len(members) else present
+            kept += [name] if len(present) == len(members) else present
         elif opens(name):
             kept.append(name)
     return kept, missing
@@ -105,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if MODEL[0] not in model_registry:
         model_registry.register(MODEL[0], target=MODEL[1])
     tasks, rest = split_tasks(argv)
+    include = include_paths(argv)
     if tasks is not None and not (rest[:1] and rest[0] in ("ls", "validate")):
-        kept, missing = available_tasks(tasks, include_path(argv))
+        kept, missing = available_tasks(tasks, include)
         for name, why in missing.items():
             print(f"mtllama-lm-eval: task {name} left out, its dataset is not available "
                   f"offline ({why}); to run it, {OFFLINE_FIX}", file=sys.stderr)
@@ -114,11 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("mtllama-lm-eval: no requested task can run offline", file=sys.stderr)
             return 2
         argv = rest + ["--tasks", ",".join(kept)]
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI  # what lm_eval.__main__.cli_evaluate runs
+    from lm_eval.utils import setup_logging
 
     sys.argv = ["lm-eval"] + argv
+    setup_logging()
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    if hasattr(args, "include_path"):  # lm-eval's TaskManager takes a list of folders
+        args.include_path = include
     try:
-        cli_evaluate()
+        cli.execute(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"mtllama-lm-eval: {e}", file=sys.stderr)
         return 2

@@ -19,11 +19,13 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
+import yaml
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
+from mtllama_jax import lm_eval_cli
 from mtllama_jax.convert import cli
 from mtllama_jax.lm_eval_adapter import MtllamaLM
 
@@ -207,13 +209,44 @@ def test_cli_runs_lm_evals_flags_and_leaves_out_a_task_missing_offline(folders, 
     run = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "mtllama-lm-eval"), "--model",
          "mtllama_jax", "--model_args", f"checkpoint={folders[0]}", "dtype=float32",
-         "--tasks", "fixture_mc,fixture_missing", "--include_path", FIXTURES,
+         "--tasks", "fixture_mc,fixture_missing,lamini", "--include_path", FIXTURES,
          "--batch_size", "4", "--output_path", str(out)],
         cwd=folders[2], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "task fixture_missing left out, its dataset is not available offline" in run.stderr
     assert "absent.jsonl" in run.stderr and "export HF_HOME=" in run.stderr
+    with open(lm_eval_cli.project_groups()["lamini"]) as f:
+        lamini = yaml.safe_load(f)["task"]
+    for task in lamini:  # each of LaMini's tasks resolves, and is named as absent offline
+        assert f"task {task} left out, its dataset is not available offline" in run.stderr
     (results,) = out.rglob("results_*.json")
     got = json.loads(results.read_text())["results"]
     assert list(got) == ["fixture_mc"] and "acc,none" in got["fixture_mc"]
     assert "|fixture_mc|" in run.stdout  # lm-eval's own table
+
+
+def test_lamini_group_lists_15_tasks_with_lamini_metrics():
+    with open(lm_eval_cli.project_groups()["lamini"]) as f:
+        group = yaml.safe_load(f)
+    assert group["group"] == "lamini" and len(set(group["task"])) == 15
+    metrics = group["metadata"]["lamini_metric"]
+    assert list(metrics) == group["task"]
+    assert sorted(k for k, v in metrics.items() if v == "acc_norm") == [
+        "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq"]
+    assert metrics["lamini_record"] == "f1"
+
+
+def test_record_scores_the_likeliest_entity_by_squad_f1():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "record", os.path.join(lm_eval_cli.project_tasks(), "record.py"))
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    doc = {"passage": "Rain fell.\n@highlight\nDogs ran", "query": "@placeholder ran home",
+           "entities": ["The Dogs", "cats"], "answers": ["dogs", "the big dogs"]}
+    assert record.doc_to_text(doc) == "Rain fell.\n\n  - Dogs ran.\n"
+    assert record.doc_to_choice(doc) == ["  - The Dogs ran home", "  - cats ran home"]
+    assert record.process_results(doc, [(-1.0, False), (-2.0, False)]) == {"f1": 1.0, "em": 1.0}
+    assert record.process_results(doc, [(-3.0, False), (-2.0, False)]) == {"f1": 0.0, "em": 0.0}
+    assert record.f1_score("big red dogs", "the big dogs") == pytest.approx(0.8)
