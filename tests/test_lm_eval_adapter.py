@@ -197,10 +197,14 @@ def test_bad_model_args_name_the_fix(folders, tmp_path):
         MtllamaLM(checkpoint=str(tmp_path / "absent"))
 
 
-def test_a_hugging_face_folder_opens_converted_in_memory(folders, ours):
-    hf = MtllamaLM(checkpoint=folders[1], dtype="float32", batch_size=4)
-    reqs = [request("loglikelihood", "the cat", " sat on a mat")]
-    assert hf.loglikelihood(reqs) == ours.loglikelihood(reqs)
+def test_a_hugging_face_folder_opens_converted_in_memory_on_a_mesh(folders, ours):
+    hf = MtllamaLM(checkpoint=folders[1], dtype="float32", batch_size=4, mesh="2x2x2",
+                   rules="fsdp_tp")
+    assert len(hf.decoder.mesh.devices.flat) == 8
+    reqs = [request("loglikelihood", "the cat", " sat on a mat"),
+            request("loglikelihood", "dogs ran", " far away from home")]
+    for (a, greedy_a), (b, greedy_b) in zip(hf.loglikelihood(reqs), ours.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
 
 
 def test_cli_runs_lm_evals_flags_and_leaves_out_a_task_missing_offline(folders, tmp_path):
