@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml scripts/check_env.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,lmeval]'
 	# t5 without its pins: they pull seqio-nightly/tfds-nightly over seqio.
 	$(PIP) install --no-deps t5==0.9.4
 	$(PY) scripts/check_env.py

@@ -60,7 +60,7 @@ class Chat:
 
     def __init__(self, checkpoint: str, *, mesh=(1, 1, 1), rules: str = "data",
                  mtllama_quirks: bool = False, dtype: str | None = None):
-        from mtllama_jax.eval import open_checkpoint
+        from mtllama_jax.checkpoint_folder import open_checkpoint
         from mtllama_jax.vocab import LlamaVocabulary
 
         devices = jax.devices() if -1 in mesh else jax.devices()[: math.prod(mesh)]

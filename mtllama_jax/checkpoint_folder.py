@@ -202,6 +202,25 @@ def load_params(folder, shardings=None, *, dtype=None, step: int | None = None):
         return ckptr.restore(path, target)
 
 
+def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | None = None):
+    """(config, params on the mesh, tokenizer path) of a checkpoint folder or MODEL_DIR.
+
+    A MODEL_DIR opens at its latest step, or `step`. `dtype` replaces the compute
+    dtype of its config.json (one of config.COMPUTE_DTYPES); the params keep their
+    stored dtype.
+    """
+    from mtllama_jax import partitioning
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config = load_config(folder)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    tokenizer = tokenizer_path(folder)
+    params = load_params(folder, partitioning.param_shardings(config, mesh, rules), step=step)
+    return config, params, tokenizer
+
+
 def load_param(folder, param_path: tuple[str, ...], *, dtype=None, step: int | None = None):
     """One parameter as a host numpy array (partial restore, for streaming converters)."""
     item = restore_args = None

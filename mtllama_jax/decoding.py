@@ -10,12 +10,15 @@ training rules (params by `partitioning.param_shardings`, the cache and every
 * step: one token per row, appended at the cache index (the cache is donated,
   so a step writes in place and its cost does not grow with the tokens made);
 * score: summed log-probabilities of continuations given contexts (rank
-  classification), one forward pass without a cache.
+  classification), and whether each continuation is the greedy one, in one
+  forward pass without a cache.
 
 The host loop dispatches step i+1 before reading the token of step i, so the
 device never waits on Python; it stops rows at stop token ids (EOS) or at stop
 strings (newline, ...) found in the detokenised text, and streams text deltas.
-Prompts longer than the context are cut from the left and counted.
+Prompts longer than the context are cut from the left and counted; scoring cuts
+as lm-evaluation-harness does (`(context + continuation)[-(window + 1):][:-1]`
+is the input: the last token is only a target, so one more context token fits).
 """
 
 from __future__ import annotations
@@ -240,9 +243,26 @@ class Decoder:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Summed log p(continuation | context) per pair, its token count, and truncation.
 
-        Each pair is one row `context + continuation`, cut from the left to the
-        model's context when longer (the continuation is always kept whole).
-        Returns (log_likelihood [n] float64, num_tokens [n] int, truncated [n] bool).
+        Returns (log_likelihood [n] float64, num_tokens [n] int, truncated [n] bool);
+        see `loglikelihoods` for how long pairs are cut.
+        """
+        sums, _, truncated = self.loglikelihoods(params, contexts, continuations)
+        return sums, np.array([len(c) for c in continuations]), truncated
+
+    def loglikelihoods(
+        self,
+        params,
+        contexts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Summed log p(continuation | context), is-greedy and truncation, per pair.
+
+        A pair is cut as lm-evaluation-harness' Hugging Face model cuts it: the
+        model reads `(context + continuation)[-(window + 1):][:-1]` (the last
+        token is only predicted, never read), so a pair is truncated only when
+        longer than window + 1, from the left, keeping the continuation whole.
+        `is_greedy` says every continuation token is the argmax of its position.
+        Returns (log_likelihood [n] float64, is_greedy [n] bool, truncated [n] bool).
         """
         if len(contexts) != len(continuations):
             raise ValueError(
@@ -255,35 +275,35 @@ class Decoder:
             cont = list(cont)
             if not cont:
                 raise ValueError(f"continuation {i} is empty; score at least one token")
-            if len(cont) >= limit:
+            if len(cont) > limit:
                 raise ValueError(
-                    f"continuation {i} has {len(cont)} tokens, no shorter than the model's "
+                    f"continuation {i} has {len(cont)} tokens, more than the model's "
                     f"context of {limit}"
                 )
-            ctx, truncated[i] = fit_prompt(ctx, limit - len(cont))
+            ctx, truncated[i] = fit_prompt(ctx, limit + 1 - len(cont))
             if not ctx:
                 raise ValueError(f"context {i} is empty; give at least one token (BOS)")
             seqs.append(ctx + cont)
             starts.append(len(ctx))
         batch = self.batch_multiple * math.ceil(rows / self.batch_multiple)
-        length = _bucket(max(len(s) for s in seqs), self.length_bucket, limit)
+        length = _bucket(max(len(s) for s in seqs) - 1, self.length_bucket, limit)
         tokens = np.zeros((batch, length), np.int32)
         targets = np.zeros((batch, length), np.int32)
         weights = np.zeros((batch, length), np.float32)
         segments = np.zeros((batch, length), np.int32)
         for i, (seq, start) in enumerate(zip(seqs, starts)):
-            n = len(seq)
-            tokens[i, :n] = seq
+            n = len(seq) - 1  # slots read; slot j predicts seq[j + 1]
+            tokens[i, :n] = seq[:-1]
             segments[i, :n] = 1
-            targets[i, : n - 1] = seq[1:]
-            weights[i, start - 1 : n - 1] = 1.0  # logits at slot j predict token j + 1
+            targets[i, :n] = seq[1:]
+            weights[i, start - 1 : n] = 1.0
         fn = self._score_fn(batch, length)
         put = self._put_rows
         with self._context():
-            sums = fn(self.put_params(params), put(tokens), put(segments), put(targets),
-                      put(weights))
-        counts = np.array([len(c) for c in continuations])
-        return np.asarray(sums, np.float64)[:rows], counts, truncated
+            sums, greedy = fn(self.put_params(params), put(tokens), put(segments), put(targets),
+                              put(weights))
+        return (np.asarray(sums, np.float64)[:rows], np.asarray(greedy, bool)[:rows],
+                truncated)
 
     # ---- compiled pieces -----------------------------------------------------------------
 
@@ -356,7 +376,8 @@ class Decoder:
             logits = model.apply({"params": params}, tokens, segment_ids=segments)
             logp = jax.nn.log_softmax(logits, axis=-1)
             picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            return jnp.sum(picked * weights, axis=-1)
+            hit = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
+            return jnp.sum(picked * weights, axis=-1), jnp.all(hit, axis=-1)
 
         b = self.batch_sharding
         fn = jax.jit(score, in_shardings=(self.param_shardings, b, b, b, b),

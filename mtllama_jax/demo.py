@@ -44,9 +44,9 @@ def initial_params(seed: int):
 
 
 def trained_params(model_dir: str, mesh, rules):
-    from mtllama_jax import eval as eval_job
+    from mtllama_jax.checkpoint_folder import open_checkpoint
 
-    _, params, _ = eval_job.open_checkpoint(model_dir, mesh, rules)
+    _, params, _ = open_checkpoint(model_dir, mesh, rules)
     return params
 
 

@@ -27,73 +27,8 @@ import gin
 import jax
 
 from mtllama_jax import atomic, evaluation, launch, reports
-from mtllama_jax.config import COMPUTE_DTYPES, LlamaConfig
-
-REQUIRED_FILES = {
-    "config.json": "the model's Hugging Face config (written by mtllama-train and mtllama-convert)",
-    "tokenizer.model": "the LLaMA SentencePiece model the checkpoint was trained with",
-}
-
-
-def check_checkpoint_folder(folder: str) -> None:
-    """Raises FileNotFoundError naming each missing file of a checkpoint folder."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    for name, what in REQUIRED_FILES.items():
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} is missing: a checkpoint folder needs {name} ({what}); copy it from "
-                "the model this checkpoint came from"
-            )
-
-
-def load_config(folder: str) -> LlamaConfig:
-    """The LlamaConfig of a checkpoint folder (HF fields plus this project's own)."""
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        hf = json.load(f)
-    own = hf.get("mtllama_jax", {})
-    return LlamaConfig.from_hf(hf, **own)
-
-
-def open_checkpoint(folder: str, mesh, rules, step: int | None = None,
-                    dtype: str | None = None):
-    """(config, params on the mesh, tokenizer path) of a checkpoint folder.
-
-    `dtype` replaces the compute dtype of its config.json (one of COMPUTE_DTYPES);
-    the params keep their stored dtype.
-    """
-    import flax.linen as nn
-
-    from mtllama_jax import checkpoints, partitioning
-
-    check_checkpoint_folder(folder)
-    config = load_config(folder)
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
-    shardings = partitioning.param_shardings(config, mesh, rules)
-    if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
-        import orbax.checkpoint as ocp
-
-        manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(folder), "checkpoints"),
-            options=ocp.CheckpointManagerOptions(read_only=True),
-        )
-        latest = manager.latest_step()
-        manager.close()
-        if latest is None:
-            raise FileNotFoundError(f"{folder}/checkpoints holds no finished step to evaluate")
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.unbox(partitioning.abstract_params(config)), shardings,
-        )
-        params = checkpoints.restore_params(folder, latest if step is None else step, target)
-    else:
-        from mtllama_jax import checkpoint_folder
-
-        params = checkpoint_folder.load_params(folder, shardings)
-    return config, params, os.path.join(folder, "tokenizer.model")
+from mtllama_jax.checkpoint_folder import open_checkpoint
+from mtllama_jax.config import COMPUTE_DTYPES
 
 
 def checkpoint_vocabulary(tokenizer_path: str):

@@ -147,3 +147,27 @@ def test_score_equals_log_softmax_of_a_full_forward_pass(params, decoder):
         want = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
         assert got == pytest.approx(want, abs=1e-4)
     assert counts.tolist() == [1, 3, 2] and not truncated.any()
+
+
+def test_long_pairs_are_cut_as_lm_evaluation_harness_cuts_them(params, decoder):
+    window = CONFIG.max_position_embeddings
+    rng = np.random.default_rng(5)
+    cont = rng.integers(3, CONFIG.vocab_size, 5).tolist()
+    for total in (window, window + 1, window + 30):  # fits; one over (still whole); longer
+        ctx = [1] + rng.integers(3, CONFIG.vocab_size, total - len(cont) - 1).tolist()
+        (got,), (greedy,), (cut,) = decoder.loglikelihoods(params, [ctx], [cont])
+        read = (ctx + cont)[-(window + 1):][:-1]  # lm-eval's HFLM `_loglikelihood_tokens`
+        seq = np.zeros((1, window), np.int32)
+        seq[0, :len(read)] = read
+        logits = _forward(params, seq)[0]
+        logp = jax.nn.log_softmax(logits)
+        slots = [len(read) - len(cont) + k for k in range(len(cont))]
+        assert got == pytest.approx(sum(float(logp[j, t]) for j, t in zip(slots, cont)),
+                                    abs=1e-4)
+        assert greedy == all(int(jnp.argmax(logits[j])) == t for j, t in zip(slots, cont))
+        assert cut == (total > window + 1)
+    greedy_cont = greedy_by_recomputation(params, [1, 5], 3)[0]
+    assert decoder.loglikelihoods(params, [[1, 5]], [greedy_cont])[1].tolist() == [True]
+    decoder.loglikelihoods(params, [[1, 5, 6]], [[7] * window])  # one context token is kept
+    with pytest.raises(ValueError, match=f"more than the model's context of {window}"):
+        decoder.loglikelihoods(params, [[1]], [[7] * (window + 1)])
