@@ -1,6 +1,7 @@
-"""Decoder-only training batches from seqio tasks: packing, segments, loss weights.
+"""Packing examples into the batch contract: segments, positions, loss weights, task ids.
 
-The trainer calls `batches(...)`; everything else here is its machinery.
+TensorFlow-free: the cached pipeline's worker processes import it, and so does
+the seqio stream (`mtllama_jax.data.stream`).
 
 A task gives tokenised `inputs` (the wrapped prompt, no EOS) and `targets` (the
 response, EOS appended). One example becomes one segment `[BOS] + inputs +
@@ -21,17 +22,13 @@ import logging
 from typing import Iterable, Iterator
 
 import numpy as np
-import seqio
-import tensorflow as tf
-
-try:  # TF reads data on the host; JAX owns the accelerators.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices; leave them be.
-    pass
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights")
+FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights",
+            "task_ids")
+# Examples read without a single one fitting before the stream is declared empty.
+NO_ROW_LIMIT = 4096
 
 
 @dataclasses.dataclass
@@ -113,20 +110,24 @@ def best_fit_decreasing(lengths: Iterable[int], capacity: int) -> list[list[int]
     return bins
 
 
-def pack_rows(examples: Iterable[tuple[np.ndarray, np.ndarray]], *, length: int,
-              eos_id: int, stats: PackingStats, buffer_size: int = 1024,
-              truncate: bool = True, seed: int = 0) -> Iterator[list]:
-    """Rows (lists of (inputs, targets) segments) packed buffer by buffer.
+def pack_rows(examples: Iterable[tuple], *, length: int, eos_id: int, stats: PackingStats,
+              buffer_size: int = 1024, truncate: bool = True, seed: int = 0,
+              name: str = "the data") -> Iterator[list]:
+    """Rows (lists of (inputs, targets[, task index]) segments) packed buffer by buffer.
 
     Each buffer of `buffer_size` fitting examples is packed with best-fit-
     decreasing; its rows come out in an order shuffled by (seed, buffer number)
-    so long and short rows mix within a batch.
+    so long and short rows mix within a batch. Raises `NoFittingExamples` when
+    the first `NO_ROW_LIMIT` examples of `name` all were dropped.
     """
-    buffer, number = [], 0
-    for inputs, targets in examples:
+    buffer, number, any_fit = [], 0, False
+    for inputs, targets, *task in examples:
         fitted = fit_example(inputs, targets, length, eos_id, stats, truncate)
         if fitted is not None:
-            buffer.append(fitted)
+            buffer.append((*fitted, *task))
+            any_fit = True
+        elif not any_fit:
+            check_some_fit(name, stats, truncate)
         if len(buffer) == buffer_size:
             yield from _pack_buffer(buffer, length, seed, number)
             buffer, number = [], number + 1
@@ -134,21 +135,43 @@ def pack_rows(examples: Iterable[tuple[np.ndarray, np.ndarray]], *, length: int,
         yield from _pack_buffer(buffer, length, seed, number)
 
 
+class NoFittingExamples(ValueError):
+    """Every example read so far was dropped: the stream would never yield a row."""
+
+
+def check_some_fit(name: str, stats: PackingStats, truncate: bool,
+                   limit: int = NO_ROW_LIMIT) -> None:
+    """Raises once `limit` examples were read and every one was dropped (counted by reason)."""
+    if stats.examples < limit:
+        return
+    raise NoFittingExamples(
+        f"{name}: none of the first {stats.examples} examples fits a row of "
+        f"{stats.length} tokens: {stats.dropped_empty_target} have an empty response, "
+        f"{stats.dropped_too_long} are too long (truncate={truncate}); training would wait "
+        f"forever. Check the task's response field (empty targets) or raise "
+        f"train.sequence_length / keep train truncation on (too long)."
+    )
+
+
 def _pack_buffer(buffer, length, seed, number):
-    bins = best_fit_decreasing([len(i) + len(t) for i, t in buffer], length)
+    bins = best_fit_decreasing([len(seg[0]) + len(seg[1]) for seg in buffer], length)
     rng = np.random.default_rng([seed, number])
     for b in rng.permutation(len(bins)):
         yield [buffer[i] for i in bins[b]]
 
 
 def rows_to_batch(rows: list, length: int, bos_id: int) -> dict[str, np.ndarray]:
-    """The batch contract: `[len(rows), length]` arrays, padding id 0 and segment 0."""
+    """The batch contract: `[len(rows), length]` arrays, padding id 0 and segment 0.
+
+    A segment is (inputs, targets) or (inputs, targets, task index); `task_ids`
+    holds the index on the segment's positions (0 without one, and on padding).
+    """
     shape = (len(rows), length)
-    batch = {k: np.zeros(shape, np.int32) for k in FEATURES[:4]}
+    batch = {k: np.zeros(shape, np.int32) for k in FEATURES if k != "loss_weights"}
     batch["loss_weights"] = np.zeros(shape, np.float32)
     for r, row in enumerate(rows):
         at = 0
-        for s, (inputs, targets) in enumerate(row, start=1):
+        for s, (inputs, targets, *task) in enumerate(row, start=1):
             n_in, n = len(inputs), len(inputs) + len(targets)
             end = at + n
             full = np.concatenate([[bos_id], inputs, targets])
@@ -157,122 +180,28 @@ def rows_to_batch(rows: list, length: int, bos_id: int) -> dict[str, np.ndarray]
             batch["positions"][r, at:end] = np.arange(n)
             batch["segment_ids"][r, at:end] = s
             batch["loss_weights"][r, at + n_in:end] = 1.0
+            if task:
+                batch["task_ids"][r, at:end] = task[0]
             at = end
-    return batch
+    return {k: batch[k] for k in FEATURES}
 
 
-def examples(mixture_or_task_name: str, *, split: str, seed: int, shard_index: int = 0,
-             num_shards: int = 1, num_epochs: int | None = None):
-    """(inputs, targets) int32 arrays of a task or mixture, this host's shard.
-
-    The order is a function of (seed, shard_index, num_shards): seqio shuffles,
-    samples mixtures and shards (by file when a task has enough files, else by
-    example) with that seed. `num_epochs=None` repeats forever.
-    """
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    kwargs = dict(sequence_length=None, split=split, use_cached=False, shuffle=True,
-                  seed=seed, shard_info=seqio.ShardInfo(shard_index, num_shards),
-                  num_epochs=num_epochs)
-    if isinstance(provider, seqio.Mixture):
-        kwargs["copy_pretokenized"] = False
-    return _pairs(provider.get_dataset(**kwargs))  # built now: bad data fails here
-
-
-def _pairs(ds: tf.data.Dataset):
-    empty = np.zeros([0], np.int32)
-    for ex in ds.as_numpy_iterator():
-        yield ex.get("inputs", empty).astype(np.int32), ex["targets"].astype(np.int32)
-
-
-class BatchIterator:
-    """Iterator of batch dicts; `.stats` counts what was read, packed, cut, dropped."""
-
-    def __init__(self, rows: Iterator[list], *, batch_size: int, length: int, bos_id: int,
-                 stats: PackingStats, start_step: int):
-        self._rows, self._batch, self._length, self._bos = rows, batch_size, length, bos_id
-        self.stats = stats
-        self.step = start_step
-        for _ in range(start_step * batch_size):  # seek: count rows, build nothing
-            if next(self._rows, None) is None:
-                break
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows = [row for _, row in zip(range(self._batch), self._rows)]
-        if not rows:
-            log.info("data exhausted at step %d: %s", self.step, self.stats.report())
-            raise StopIteration
-        rows += [[]] * (self._batch - len(rows))  # a finite split's last batch
-        self.step += 1
-        return rows_to_batch(rows, self._length, self._bos)
-
-
-def batches(mixture_or_task_name: str, *, split: str = "train", sequence_length: int,
-            batch_size: int, seed: int = 0, start_step: int = 0, shard_index: int = 0,
-            num_shards: int = 1, pack: bool = True, truncate: bool = True,
-            buffer_size: int = 1024, num_epochs: int | None = None) -> BatchIterator:
-    """Packed decoder-only batches of a registered seqio task or mixture, for one host.
-
-    Args:
-      mixture_or_task_name: a task/mixture with `targets` (and usually `inputs`)
-        token features, e.g. "t0_train" (`import mtllama_jax.tasks`).
-      split: the split to read.
-      sequence_length: row length L.
-      batch_size: rows per batch on this host (the global batch / process count).
-      seed: data-order seed (shuffle, mixture sampling, row order).
-      start_step: first step to produce. Batch k is the same whether the stream
-        started at 0 or at k, so a resumed run neither repeats nor skips data.
-        Seeking reads (and tokenises) the examples of the skipped steps but builds
-        no arrays for them.
-      shard_index / num_shards: this host's seqio `ShardInfo` (jax.process_index(),
-        jax.process_count()); each host reads a disjoint shard.
-      pack: False puts one example per row.
-      truncate: over-long examples lose the start of their inputs (counted, logged);
-        False drops them (counted, logged). A response alone longer than L is dropped.
-      buffer_size: examples per best-fit-decreasing buffer (larger packs tighter).
-      num_epochs: passes over the data; None repeats forever.
-
-    Yields dicts of numpy arrays `[batch_size, sequence_length]`:
-      input_tokens int32: BOS + tokens of each segment, what the model reads;
-      target_tokens int32: the next token at each position;
-      positions int32: 0, 1, ... restarting at each segment;
-      segment_ids int32: 1, 2, ... per packed example, 0 on padding;
-      loss_weights float32: 1 on response tokens and their EOS, else 0.
-    Padding is token 0 with segment 0. A finite split's last batch is filled with
-    empty rows (all segment 0). Examples whose target is empty are dropped; the
-    returned iterator's `.stats` counts every drop and cut, and they are logged.
-    """
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    vocab = provider.output_features["targets"].vocabulary
-    bos_id = getattr(vocab, "bos_id", None)
-    if bos_id is None:
-        raise ValueError(f"{mixture_or_task_name}: the targets vocabulary {vocab} has no BOS "
-                         f"id; use mtllama_jax.vocab.LlamaVocabulary")
-    stats = PackingStats(sequence_length)
-    source = examples(mixture_or_task_name, split=split, seed=seed, shard_index=shard_index,
-                      num_shards=num_shards, num_epochs=num_epochs)
-    if pack:
-        rows = pack_rows(source, length=sequence_length, eos_id=vocab.eos_id, stats=stats,
-                         buffer_size=buffer_size, truncate=truncate, seed=seed)
-    else:
-        rows = _single_rows(source, sequence_length, vocab.eos_id, stats, truncate)
-    return BatchIterator(_counted(rows, stats), batch_size=batch_size,
-                         length=sequence_length, bos_id=bos_id, stats=stats,
-                         start_step=start_step)
-
-
-def _single_rows(source, length, eos_id, stats, truncate):
-    for inputs, targets in source:
+def single_rows(source, length, eos_id, stats, truncate, name="the data"):
+    """One example per row (`pack=False`), with the same drop accounting as `pack_rows`."""
+    any_fit = False
+    for inputs, targets, *task in source:
         fitted = fit_example(inputs, targets, length, eos_id, stats, truncate)
         if fitted is not None:
-            yield [fitted]
+            any_fit = True
+            yield [(*fitted, *task)]
+        elif not any_fit:
+            check_some_fit(name, stats, truncate)
 
 
-def _counted(rows, stats):
+def counted(rows, stats):
+    """Counts the rows, segments and tokens passing by into `stats`."""
     for row in rows:
         stats.rows += 1
         stats.segments += len(row)
-        stats.tokens += sum(len(i) + len(t) for i, t in row)
+        stats.tokens += sum(len(seg[0]) + len(seg[1]) for seg in row)
         yield row

@@ -1,8 +1,7 @@
-"""Decoder-only training batches from seqio tasks: packing, segments, loss weights.
+"""Decoder-only training batches read on the fly from seqio tasks (the uncached path).
 
-The trainer calls `batches(...)`; everything else here is its machinery.
-
-A task gives tokenised `inputs` (the wrapped prompt, no EOS) and `targets` (the
+The trainer calls `batches(...)` when no tokenized cache is given
+(`mtllama_jax.data.pipeline` reads one). A task gives tokenised `inputs` (the wrapped prompt, no EOS) and `targets` (the
 response, EOS appended). One example becomes one segment `[BOS] + inputs +
 targets` of `len(inputs) + len(targets)` positions after the one-token shift.
 Segments are packed into rows of `sequence_length` by best-fit-decreasing over a
@@ -15,10 +14,8 @@ LLaMA's `<unk>`.
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import logging
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import seqio
@@ -29,136 +26,10 @@ try:  # TF reads data on the host; JAX owns the accelerators.
 except RuntimeError:  # TF already initialised its devices; leave them be.
     pass
 
+from mtllama_jax.data.packing import (  # noqa: E402  (after TF's device setup)
+    PackingStats, counted, pack_rows, rows_to_batch, single_rows)
+
 log = logging.getLogger(__name__)
-
-FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights")
-
-
-@dataclasses.dataclass
-class PackingStats:
-    """What the packer saw: every dropped or shortened example is counted here."""
-
-    length: int  # sequence_length of the rows
-    examples: int = 0
-    dropped_empty_target: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    segments: int = 0
-    rows: int = 0
-    tokens: int = 0  # non-padding positions emitted
-
-    @property
-    def non_padding_fraction(self) -> float:
-        return self.tokens / max(1, self.rows * self.length)
-
-    def report(self) -> str:
-        return (f"{self.examples} examples read, {self.segments} packed into {self.rows} "
-                f"rows ({self.non_padding_fraction:.3f} non-padding); dropped "
-                f"{self.dropped_empty_target} with an empty target, "
-                f"{self.dropped_too_long} too long; {self.truncated} inputs cut from the left")
-
-
-def fit_example(inputs: np.ndarray, targets: np.ndarray, length: int, eos_id: int,
-                stats: PackingStats, truncate: bool = True):
-    """(inputs, targets) that fit `length` positions, or None when dropped (counted).
-
-    Over-long examples lose the start of their inputs so the response survives;
-    with `truncate=False`, or a response longer than `length`, they are dropped.
-    """
-    stats.examples += 1
-    if not np.any(targets != eos_id):
-        stats.dropped_empty_target += 1
-        _note(stats, "dropped an example with an empty target")
-        return None
-    excess = len(inputs) + len(targets) - length
-    if excess > 0:
-        if not truncate or len(targets) > length:
-            stats.dropped_too_long += 1
-            _note(stats, f"dropped an example of {len(inputs) + len(targets)} tokens "
-                         f"(sequence_length {length}, truncate={truncate})")
-            return None
-        stats.truncated += 1
-        _note(stats, f"cut {excess} tokens from the left of an example's inputs")
-        inputs = inputs[excess:]
-    return inputs, targets
-
-
-def _note(stats: PackingStats, what: str) -> None:
-    events = stats.dropped_empty_target + stats.dropped_too_long + stats.truncated
-    if events & (events - 1) == 0:  # 1st, 2nd, 4th, 8th ... event: log, not flood
-        log.warning("%s; so far: %s", what, stats.report())
-
-
-def best_fit_decreasing(lengths: Iterable[int], capacity: int) -> list[list[int]]:
-    """Bins (lists of indices into `lengths`) of total length <= `capacity`.
-
-    Longest first, each into the fullest bin it fits; deterministic (ties keep
-    the input order). Every length must be <= capacity.
-    """
-    lengths = list(lengths)
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (room left, bin index)
-    for i in order:
-        n = lengths[i]
-        at = bisect.bisect_left(free, (n, -1))
-        if at < len(free):
-            room, b = free.pop(at)
-        else:
-            room, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        if room - n > 0:
-            bisect.insort(free, (room - n, b))
-    return bins
-
-
-def pack_rows(examples: Iterable[tuple[np.ndarray, np.ndarray]], *, length: int,
-              eos_id: int, stats: PackingStats, buffer_size: int = 1024,
-              truncate: bool = True, seed: int = 0) -> Iterator[list]:
-    """Rows (lists of (inputs, targets) segments) packed buffer by buffer.
-
-    Each buffer of `buffer_size` fitting examples is packed with best-fit-
-    decreasing; its rows come out in an order shuffled by (seed, buffer number)
-    so long and short rows mix within a batch.
-    """
-    buffer, number = [], 0
-    for inputs, targets in examples:
-        fitted = fit_example(inputs, targets, length, eos_id, stats, truncate)
-        if fitted is not None:
-            buffer.append(fitted)
-        if len(buffer) == buffer_size:
-            yield from _pack_buffer(buffer, length, seed, number)
-            buffer, number = [], number + 1
-    if buffer:
-        yield from _pack_buffer(buffer, length, seed, number)
-
-
-def _pack_buffer(buffer, length, seed, number):
-    bins = best_fit_decreasing([len(i) + len(t) for i, t in buffer], length)
-    rng = np.random.default_rng([seed, number])
-    for b in rng.permutation(len(bins)):
-        yield [buffer[i] for i in bins[b]]
-
-
-def rows_to_batch(rows: list, length: int, bos_id: int) -> dict[str, np.ndarray]:
-    """The batch contract: `[len(rows), length]` arrays, padding id 0 and segment 0."""
-    shape = (len(rows), length)
-    batch = {k: np.zeros(shape, np.int32) for k in FEATURES[:4]}
-    batch["loss_weights"] = np.zeros(shape, np.float32)
-    for r, row in enumerate(rows):
-        at = 0
-        for s, (inputs, targets) in enumerate(row, start=1):
-            n_in, n = len(inputs), len(inputs) + len(targets)
-            end = at + n
-            full = np.concatenate([[bos_id], inputs, targets])
-            batch["input_tokens"][r, at:end] = full[:-1]
-            batch["target_tokens"][r, at:end] = full[1:]
-            batch["positions"][r, at:end] = np.arange(n)
-            batch["segment_ids"][r, at:end] = s
-            batch["loss_weights"][r, at + n_in:end] = 1.0
-            at = end
-    return batch
 
 
 def examples(mixture_or_task_name: str, *, split: str, seed: int, shard_index: int = 0,
@@ -239,10 +110,13 @@ def batches(mixture_or_task_name: str, *, split: str = "train", sequence_length:
       target_tokens int32: the next token at each position;
       positions int32: 0, 1, ... restarting at each segment;
       segment_ids int32: 1, 2, ... per packed example, 0 on padding;
-      loss_weights float32: 1 on response tokens and their EOS, else 0.
+      loss_weights float32: 1 on response tokens and their EOS, else 0;
+      task_ids int32: 0 (this path does not tell a mixture's tasks apart).
     Padding is token 0 with segment 0. A finite split's last batch is filled with
     empty rows (all segment 0). Examples whose target is empty are dropped; the
-    returned iterator's `.stats` counts every drop and cut, and they are logged.
+    returned iterator's `.stats` counts every drop and cut, and they are logged;
+    when none of the first `packing.NO_ROW_LIMIT` examples fits, it raises
+    `packing.NoFittingExamples` with the counts per reason instead of waiting.
     """
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     vocab = provider.output_features["targets"].vocabulary
@@ -253,26 +127,12 @@ def batches(mixture_or_task_name: str, *, split: str = "train", sequence_length:
     stats = PackingStats(sequence_length)
     source = examples(mixture_or_task_name, split=split, seed=seed, shard_index=shard_index,
                       num_shards=num_shards, num_epochs=num_epochs)
+    name = f"{mixture_or_task_name!r} ({split})"
     if pack:
         rows = pack_rows(source, length=sequence_length, eos_id=vocab.eos_id, stats=stats,
-                         buffer_size=buffer_size, truncate=truncate, seed=seed)
+                         buffer_size=buffer_size, truncate=truncate, seed=seed, name=name)
     else:
-        rows = _single_rows(source, sequence_length, vocab.eos_id, stats, truncate)
-    return BatchIterator(_counted(rows, stats), batch_size=batch_size,
+        rows = single_rows(source, sequence_length, vocab.eos_id, stats, truncate, name)
+    return BatchIterator(counted(rows, stats), batch_size=batch_size,
                          length=sequence_length, bos_id=bos_id, stats=stats,
                          start_step=start_step)
-
-
-def _single_rows(source, length, eos_id, stats, truncate):
-    for inputs, targets in source:
-        fitted = fit_example(inputs, targets, length, eos_id, stats, truncate)
-        if fitted is not None:
-            yield [fitted]
-
-
-def _counted(rows, stats):
-    for row in rows:
-        stats.rows += 1
-        stats.segments += len(row)
-        stats.tokens += sum(len(i) + len(t) for i, t in row)
-        yield row
