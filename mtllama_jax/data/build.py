@@ -17,11 +17,11 @@ import logging
 import multiprocessing
 import os
 import queue
-import shutil
 import time
 import traceback
 from typing import Sequence
 
+import gin
 import numpy as np
 import seqio
 
@@ -117,6 +117,28 @@ def check_cache(cache_dir: str, name: str, split: str) -> list[tuple[str, float]
 # ---- building ----------------------------------------------------------------------------
 
 
+@gin.configurable("cache")
+def job_settings(mixture_or_task_name: str = gin.REQUIRED, out: str = gin.REQUIRED,
+                 split: str = "train", workers: int | None = None, shard_index: int = 0,
+                 num_shards: int = 1, verify: bool = False, progress: bool = True) -> dict:
+    """The `mtllama-cache` job's settings (gin `cache.*`); evaluating them registers the tasks.
+
+    Args:
+      mixture_or_task_name: a registered task or mixture (`mtllama_jax.tasks`), or a
+        gin reference that registers one (`@register_mixture()`).
+      out: the cache folder (`train.data_cache` reads it).
+      split: the split to cache.
+      workers: tokenising processes (one task each at a time); None: one per core.
+      shard_index / num_shards: this host's share of the tasks, for building on
+        several hosts at once into one shared folder.
+      verify: afterwards, recompute every cached file's sha256 against its task.json.
+      progress: show a progress bar with an ETA.
+    """
+    return dict(mixture_or_task_name=mixture_or_task_name, out=out, split=split,
+                workers=workers, shard_index=shard_index, num_shards=num_shards,
+                verify=verify, progress=progress)
+
+
 def build(name: str, split: str, out: str, *, gin_files: Sequence[str] = (),
           gin_bindings: Sequence[str] = (), gin_search_paths: Sequence[str] = (),
           workers: int | None = None, shard_index: int = 0, num_shards: int = 1,
@@ -129,33 +151,13 @@ def build(name: str, split: str, out: str, *, gin_files: Sequence[str] = (),
     tasks = [t for t, _ in mixture_tasks(name)]
     mine = sorted(tasks)[shard_index::num_shards]
     os.makedirs(os.path.join(out, cache.TASKS), exist_ok=True)
-    _remove_dead_staging(out)
+    cache.remove_dead_staging(out)
     todo = [t for t in mine if stale_reason(out, t, split) is not None]
     log.info("%s: %d of this host's %d tasks to build into %s", name, len(todo), len(mine), out)
     if todo:
         _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths,
                      workers or os.cpu_count() or 1, progress)
     return cache.write_manifest(out, name, split, tasks)
-
-
-def _remove_dead_staging(out: str) -> None:
-    """Deletes staging folders left by killed builds (their pid no longer runs)."""
-    root = os.path.join(out, cache.TASKS)
-    for entry in os.listdir(root):
-        if entry.startswith(".") and ".staging-" in entry:
-            pid = entry.rsplit("-", 1)[-1].split(".")[0]
-            if not pid.isdigit() or not _alive(int(pid)):
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths, workers,
@@ -211,6 +213,7 @@ def _init_worker(gin_files, gin_bindings, gin_search_paths, reports):
     from mtllama_jax.gin_configurables import parse_gin
 
     parse_gin(gin_files, gin_bindings, gin_search_paths)
+    job_settings()  # evaluates gin references such as @register_mixture(): registers tasks
 
 
 def _build_task(task_name: str, split: str, out: str) -> tuple[str, int, int]:

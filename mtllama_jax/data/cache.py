@@ -20,6 +20,7 @@ No TensorFlow here: the pipeline's worker processes import this module.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ FORMAT = "mtllama-cache/1"
 TASKS = "tasks"
 MANIFEST = "manifest.json"
 TASK_JSON = "task.json"
+LOCK = ".lock"
 FILES = {"tokens": ("tokens.int32", "<i4"), "offsets": ("offsets.int64", "<i8"),
          "input_lengths": ("input_lengths.int32", "<i4")}  # little-endian on every host
 
@@ -75,11 +77,16 @@ class TaskWriter:
         self.staging = os.path.join(cache_dir, TASKS, f".{task}.staging-{os.getpid()}")
         shutil.rmtree(self.staging, ignore_errors=True)
         os.makedirs(self.staging)
+        # Held while the task is written: a staging folder whose lock is free is dead.
+        self._lock = open(os.path.join(self.staging, LOCK), "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._tokens = open(os.path.join(self.staging, FILES["tokens"][0]), "wb")
         self._digest = hashlib.sha256()
         self._ends, self._input_lengths = [], []
         self.tokens = 0
         self.empty_targets = 0
+        # The shortest example and response with a non-empty response: whether any fits.
+        self.min_length = self.min_target_length = None
 
     def add(self, inputs: np.ndarray, targets: np.ndarray, eos_id: int) -> None:
         data = np.concatenate([inputs, targets]).astype("<i4").tobytes()
@@ -88,7 +95,13 @@ class TaskWriter:
         self.tokens += len(inputs) + len(targets)
         self._ends.append(self.tokens)
         self._input_lengths.append(len(inputs))
-        self.empty_targets += not np.any(targets != eos_id)
+        if np.any(targets != eos_id):
+            n = len(inputs) + len(targets)
+            self.min_length = n if self.min_length is None else min(self.min_length, n)
+            self.min_target_length = (len(targets) if self.min_target_length is None
+                                      else min(self.min_target_length, len(targets)))
+        else:
+            self.empty_targets += 1
 
     def commit(self, info: dict) -> dict:
         """Writes the index arrays and task.json, then renames staging to the task's name."""
@@ -109,7 +122,8 @@ class TaskWriter:
             files[name] = {"bytes": array.nbytes,
                            "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
         info = dict(info, format=FORMAT, examples=len(self._ends), tokens=self.tokens,
-                    empty_targets=self.empty_targets, files=files)
+                    empty_targets=self.empty_targets, min_length=self.min_length,
+                    min_target_length=self.min_target_length, files=files)
         atomic_write_json(os.path.join(self.staging, TASK_JSON), info)
         old = None
         if os.path.exists(self.final):  # a stale build of this task: swap, then delete
@@ -118,6 +132,7 @@ class TaskWriter:
         os.replace(self.staging, self.final)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+        self._lock.close()
         return info
 
     def abort(self) -> None:
@@ -125,6 +140,24 @@ class TaskWriter:
         if not self._tokens.closed:
             self._tokens.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.close()
+
+
+def remove_dead_staging(cache_dir: str) -> None:
+    """Deletes the staging folders of killed builds (nobody holds their lock)."""
+    root = os.path.join(cache_dir, TASKS)
+    for entry in os.listdir(root):
+        if not (entry.startswith(".") and ".staging-" in entry):
+            continue
+        folder = os.path.join(root, entry)
+        try:
+            with open(os.path.join(folder, LOCK), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live build of another process or host is writing it
+        except OSError:
+            pass  # no lock file: killed before it was made, or a swapped-out old copy
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_task_info(cache_dir: str, task: str) -> dict | None:
@@ -158,7 +191,7 @@ def write_manifest(cache_dir: str, name: str, split: str, tasks) -> dict:
     """Summarises the complete tasks found in the cache (any host may rewrite it)."""
     infos = {t: read_task_info(cache_dir, t) for t in tasks}
     manifest = {
-        "format": FORMAT, "mixture_or_task_name": name, "split": split,
+        "format": FORMAT, "mixture_or_task_name": name, "split": split, "out": cache_dir,
         "tasks": {t: {k: i[k] for k in ("examples", "tokens", "empty_targets", "fingerprint")}
                   for t, i in infos.items() if i is not None},
         "missing": sorted(t for t, i in infos.items() if i is None),
@@ -198,14 +231,15 @@ class CachedTask:
                 raise CacheError(
                     f"{path}: {size} bytes, task.json says {meta['bytes']}: truncated or "
                     f"corrupt. Delete {self.folder} and rerun mtllama-cache to rebuild it")
-        offsets, input_lengths = self.offsets, self.input_lengths
-        lengths = np.diff(offsets)
-        if (offsets[0] != 0 or offsets[-1] != self.info["tokens"] or np.any(lengths < 0)
-                or np.any(input_lengths < 0) or np.any(input_lengths > lengths)):
-            raise CacheError(f"{self.folder}: {FILES['offsets'][0]} or "
-                             f"{FILES['input_lengths'][0]} is corrupt (offsets not increasing "
-                             f"or not ending at {self.info['tokens']} tokens). Delete the folder "
-                             f"and rerun mtllama-cache to rebuild it")
+        offsets = self.offsets
+        if (len(offsets) != self.examples + 1 or offsets[0] != 0
+                or offsets[-1] != self.info["tokens"]):
+            raise self._corrupt()
+
+    def _corrupt(self) -> CacheError:
+        return CacheError(f"{self.folder}: {FILES['offsets'][0]} or {FILES['input_lengths'][0]} "
+                          f"is corrupt (offsets not increasing from 0 to {self.info['tokens']} "
+                          f"tokens). Delete the folder and rerun mtllama-cache to rebuild it")
 
     def _map(self):
         if self._arrays is None:
@@ -230,6 +264,8 @@ class CachedTask:
         a = self._map()
         start, end = int(a["offsets"][i]), int(a["offsets"][i + 1])
         cut = start + int(a["input_lengths"][i])
+        if not start <= cut <= end:
+            raise self._corrupt()
         tokens = a["tokens"]
         return np.asarray(tokens[start:cut], np.int32), np.asarray(tokens[cut:end], np.int32)
 
@@ -239,7 +275,10 @@ class CachedTask:
         return total, total - self.input_lengths
 
     def verify(self) -> None:
-        """Recomputes every file's sha256 against task.json (reads the whole task)."""
+        """Checks every file's sha256 against task.json and the offsets (reads the task)."""
+        lengths = np.diff(self.offsets)
+        if np.any(lengths < 0) or np.any(self.input_lengths > lengths):
+            raise self._corrupt()
         for name, meta in self.info["files"].items():
             path = os.path.join(self.folder, name)
             if sha256_file(path) != meta["sha256"]:

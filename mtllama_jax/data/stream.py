@@ -1,9 +1,10 @@
 """Decoder-only training batches read on the fly from seqio tasks (the uncached path).
 
 The trainer calls `batches(...)` when no tokenized cache is given
-(`mtllama_jax.data.pipeline` reads one). A task gives tokenised `inputs` (the wrapped prompt, no EOS) and `targets` (the
-response, EOS appended). One example becomes one segment `[BOS] + inputs +
-targets` of `len(inputs) + len(targets)` positions after the one-token shift.
+(`mtllama_jax.data.pipeline` reads one). A task gives tokenised `inputs` (the
+wrapped prompt, no EOS) and `targets` (the response, EOS appended). One example
+becomes one segment `[BOS] + inputs + targets` of `len(inputs) + len(targets)`
+positions after the one-token shift.
 Segments are packed into rows of `sequence_length` by best-fit-decreasing over a
 buffer of examples (seqio's packer is greedy first-fit in arrival order), so rows
 carry little padding. Loss weights are 1 on the response and its EOS only.
