@@ -207,6 +207,109 @@ def test_every_example_dropped_fails_naming_the_counts(env):
         next(it)
 
 
-if __name__ == "__main__":  # the build killed by test_kill_during_build_...
-    sys.exit(cache_job.main([f"--mixture_or_task_name={MIXTURE}", f"--out={sys.argv[1]}",
-                             "--gin.cache.workers=1", "--gin.cache.progress=False"]))
+# ---- training from the cache: data state in the Orbax checkpoint ---------------------------
+
+STEPS = 6
+
+
+def train_cached(model_dir, cache_dir, num_steps, workers=1):
+    """The tiny LLaMA trained from the cache (16 rows of 32 over the processes)."""
+    import jax
+
+    from mtllama_jax import optim, partitioning, train
+    from mtllama_jax.config import LlamaConfig
+
+    s = spec(cache_dir, rows=16 // jax.process_count(), sequence_length=32,
+             shard_index=jax.process_index(), num_shards=jax.process_count(), workers=workers)
+    schedule = optim.learning_rate_schedule(3e-3, STEPS, "cosine", warmup_steps=2)
+    return train.run(
+        LlamaConfig.tiny(), (partitioning.make_mesh(1, -1, 1),
+                             partitioning.logical_axis_rules("fsdp")),
+        (optim.make_optimizer(schedule, weight_decay=0.1), schedule), model_dir, num_steps,
+        lambda start: pipeline.CacheBatches(s, start), seed=3, checkpoint_every_steps=None,
+        log_every_steps=1, progress=False, task_names=s.tasks,
+        task_groups={t: "paraphrase" for t in s.tasks})
+
+
+def _curve(model_dir):
+    from mtllama_jax import metrics
+
+    return [(r["step"], r["loss"], r["grad_norm"])
+            for r in metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))]
+
+
+def test_training_resumes_bitwise_from_the_checkpointed_data_state(env, tmp_path):
+    import jax
+
+    from mtllama_jax import checkpoints, metrics
+
+    reference, _ = train_cached(str(tmp_path / "ref"), env["cache"], STEPS)
+    stop = int(np.random.default_rng().integers(1, STEPS))
+    resumed_dir = str(tmp_path / "resumed")
+    train_cached(resumed_dir, env["cache"], stop, workers=0)
+    data_dir = os.path.join(resumed_dir, "checkpoints", str(stop), "data")
+    assert "process_0-of-1.json" in os.listdir(data_dir), os.listdir(data_dir)
+    resumed, _ = train_cached(resumed_dir, env["cache"], STEPS, workers=2)
+    assert _curve(resumed_dir) == _curve(str(tmp_path / "ref")), stop
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                        resumed, reference)
+    assert all(jax.tree.leaves(same)), stop
+    # Per-task losses add up to the step's loss; the cluster sums them again.
+    train = metrics.read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"))
+    tasks = metrics.read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"), "task")
+    clusters = metrics.read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"), "task_cluster")
+    assert [r["step"] for r in tasks] == list(range(1, STEPS + 1))
+    for t, c, r in zip(tasks, clusters, train):
+        tokens = sum(v for k, v in t.items() if k.endswith("/tokens"))
+        summed = sum(t[f"{n}/loss"] * t[f"{n}/tokens"] for n in TASKS if f"{n}/tokens" in t)
+        assert tokens == r["loss_tokens"] == c["paraphrase/tokens"]
+        np.testing.assert_allclose(summed / tokens, r["loss"], rtol=1e-5)
+        np.testing.assert_allclose(c["paraphrase/loss"], r["loss"], rtol=1e-5)
+    # A checkpoint of two processes' positions is refused by one process.
+    os.rename(os.path.join(data_dir, "process_0-of-1.json"),
+              os.path.join(data_dir, "process_0-of-2.json"))
+    ckpt = checkpoints.TrainCheckpoints(resumed_dir)
+    with pytest.raises(ValueError, match="position of 2 processes; this run has 1"):
+        ckpt.restore_data(stop, pipeline.CacheBatches(spec(env["cache"])).orbax_restore_args())
+    ckpt.close()
+
+
+def test_two_processes_resume_bitwise(env, tmp_path):
+    from test_multihost import _free_port
+
+    port = _free_port()
+    stop = int(np.random.default_rng().integers(1, STEPS))
+    child_env = dict(os.environ, JAX_PLATFORMS="cpu",
+                     XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                     PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                                 os.path.dirname(os.path.dirname(__file__))]))
+    workers = [subprocess.Popen([sys.executable, __file__, "train", env["cache"], str(tmp_path),
+                                 str(port), str(i), str(stop)], env=child_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+    assert _curve(str(tmp_path / "resumed")) == _curve(str(tmp_path / "ref")), stop
+    for i in range(2):
+        assert os.path.exists(os.path.join(tmp_path, "resumed", "checkpoints", str(stop),
+                                           "data", f"process_{i}-of-2.json"))
+
+
+def _two_process_main(cache_dir, root, port, process_id, stop):
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    train_cached(os.path.join(root, "ref"), cache_dir, STEPS, workers=0)
+    train_cached(os.path.join(root, "resumed"), cache_dir, stop, workers=0)
+    train_cached(os.path.join(root, "resumed"), cache_dir, STEPS, workers=1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "train":  # one process of test_two_processes_resume_bitwise
+        _two_process_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                          int(sys.argv[6]))
+    else:  # the build killed by test_kill_during_build_...
+        sys.exit(cache_job.main([f"--mixture_or_task_name={MIXTURE}", f"--out={sys.argv[1]}",
+                                 "--gin.cache.workers=1", "--gin.cache.progress=False"]))

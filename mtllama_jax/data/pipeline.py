@@ -217,6 +217,14 @@ class CacheBatches:
         self.step = int(saved["step"])
         self._position = (int(saved["buffer"]), int(saved["row"]))
 
+    def orbax_save_args(self):
+        """This position, frozen now, as the Orbax args of checkpoint item `data`."""
+        return grain.checkpoint.CheckpointSave(StateSnapshot(self.get_state()))
+
+    def orbax_restore_args(self):
+        """Orbax args that restore checkpoint item `data` into this iterator."""
+        return grain.checkpoint.CheckpointRestore(self)
+
     def start_prefetch(self) -> None:
         """Starts the workers now (Grain's handler calls this after a restore)."""
         if self._iterator is None:
