@@ -7,6 +7,8 @@ A MODEL_DIR holds:
     config.gin                the operative gin config of the latest start
     checkpoints/<step>/params the params pytree (Orbax), restorable on its own
     checkpoints/<step>/state  step, optimizer state, PRNG key, skipped-step count
+    checkpoints/<step>/data   the data iterator's position, one file per process (when
+                              the data source has one: the tokenized cache's pipeline)
 
 Saves are asynchronous, every N steps and/or every M minutes (Orbax's
 save-decision policies, which agree across hosts), keeping the last K.
@@ -24,7 +26,7 @@ import json
 import os
 import shutil
 import signal
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -67,8 +69,9 @@ class TrainCheckpoints:
         )
         self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "state")
+            self.directory, options=options, item_names=("params", "state", "data")
         )
+        self._data_args = None
 
     def latest_step(self) -> int | None:
         """The newest fully written step, or None."""
@@ -106,11 +109,36 @@ class TrainCheckpoints:
     def close(self):
         self.manager.close()
 
-    @staticmethod
-    def _args(state: TrainState):
+    def attach_data(self, save_args: Callable[[], ocp.args.CheckpointArgs]) -> None:
+        """Saves `save_args()` (the data iterator's state, as Orbax args) with every step."""
+        self._data_args = save_args
+
+    def restore_data(self, step: int, restore_args: ocp.args.CheckpointArgs) -> bool:
+        """Restores item `data` of `step`; False when the step has none (written before).
+
+        A step saved by another number of processes is refused with the reason.
+        """
+        folder = os.path.join(self.directory, str(step), "data")
+        if not os.path.isdir(folder):
+            return False
+        saved = sorted(f for f in os.listdir(folder) if f.startswith("process_"))
+        mine = f"-of-{jax.process_count()}.json"
+        if saved and not all(f.endswith(mine) for f in saved):
+            raise ValueError(
+                f"{folder} holds the data position of {saved[0].split('-of-')[-1][:-5]} "
+                f"processes; this run has {jax.process_count()}, and each process's rows "
+                f"depend on the count. Resume with {saved[0].split('-of-')[-1][:-5]} processes "
+                f"(the same train.batch_size), or train on in a new MODEL_DIR"
+            )
+        self.manager.restore(step, args=ocp.args.Composite(data=restore_args))
+        return True
+
+    def _args(self, state: TrainState):
+        data = {} if self._data_args is None else {"data": self._data_args()}
         return ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             state=ocp.args.StandardSave(_rest(state)),
+            **data,
         )
 
 

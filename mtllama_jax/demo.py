@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import gin
 import jax
 
-from mtllama_jax import atomic, decoding, evaluation, metrics, reports, train, trainer
+from mtllama_jax import atomic, decoding, evaluation, launch, metrics, reports, train, trainer
 from mtllama_jax.gin_configurables import model_config_from_gin
 
 HELD_OUT = {
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     search = [p for p in args.gin_search_paths.split(",") if p]
     try:
-        train.parse_gin(args.gin_file, args.gin_bindings, search)
+        launch.parse_gin(args.gin_file, args.gin_bindings, search)
     except (ValueError, FileNotFoundError) as e:
         print(f"mtllama-demo: error: {e}", file=sys.stderr)
         return 2

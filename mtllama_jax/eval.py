@@ -146,7 +146,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mtllama_jax.train import parse_gin
+    from mtllama_jax.launch import parse_gin
 
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables

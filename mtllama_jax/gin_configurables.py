@@ -21,3 +21,4 @@ LlamaConfig = gin.external_configurable(model_config.LlamaConfig, name="LlamaCon
 def model_config_from_gin() -> model_config.LlamaConfig:
     """The LlamaConfig that the parsed gin files describe."""
     return LlamaConfig()
+

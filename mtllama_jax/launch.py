@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import inspect
 import logging
 import os
+import re
 import sys
 import warnings
+from typing import Sequence
+
+import gin
+
+from mtllama_jax.gin_configurables import GIN_DIR
 
 # Loggers that set a level of their own, so the root logger's does not reach them.
 _OWN_LEVEL_LOGGERS = ("absl", "tensorflow", "transformers", "jax", "orbax")
@@ -71,3 +79,83 @@ def _stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()):
+    """Parses gin files and bindings; an unknown name is reported with the near names.
+
+    Every file, included ones too, is found as a real path: as given (absolute, or
+    relative to the working directory), then in `search_paths`, then in the package's
+    gin/ folder.
+    """
+    folders = [*search_paths, str(GIN_DIR)]
+    paths = [resolve_gin_file(f, folders) for f in files]
+    try:
+        with _filesystem_lookup(folders):
+            gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
+    except ValueError as e:
+        raise ValueError(_unknown_binding_message(str(e))) from None
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{e}\n  (gin files are looked up as given, then in --gin_search_paths, then in "
+            f"{GIN_DIR})"
+        ) from None
+
+
+def resolve_gin_file(name: str, folders: Sequence[str]) -> str:
+    """The absolute path of gin file `name`: as given, else the first of `folders` holding it."""
+    for candidate in [name, *(os.path.join(folder, name) for folder in folders)]:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise FileNotFoundError(
+        f"gin file {name} not found in the working directory {os.getcwd()} nor in "
+        f"{', '.join(folders)}; give its path, or its folder with --gin_search_paths"
+    )
+
+
+@contextlib.contextmanager
+def _filesystem_lookup(folders: Sequence[str]):
+    """Gin looks up included files only on disk: as given, then in `folders`.
+
+    Gin's other reader takes `runs/x.gin` for a file of the Python package `runs`;
+    a folder named so in the working directory (the demo's `runs/`) is a namespace
+    package without a file, and gin fails with a TypeError. Gin has no public
+    setter for either list, hence the private names; both are restored.
+    """
+    prefixes, readers = gin.config._LOCATION_PREFIXES, gin.config._FILE_READERS
+    saved = list(prefixes), list(readers)
+    prefixes[:] = ["", *folders]
+    readers[:] = [(open, os.path.isfile)]
+    try:
+        yield
+    finally:
+        prefixes[:], readers[:] = saved
+
+
+def _unknown_binding_message(error: str) -> str:
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not re.match(r"(No configurable matching|Configurable '.*' doesn't have)", lines[0]):
+        return error
+    match = re.match(r"([\w./]+)\s*=", lines[-1])
+    name = match.group(1) if match else lines[0]
+    near = difflib.get_close_matches(name, _bindable_names(), n=5, cutoff=0.6)
+    hint = f" Near names: {', '.join(near)}." if near else ""
+    return f"unknown gin binding {name!r}: {lines[0]}{hint}\n  " + "\n  ".join(lines[1:])
+
+
+def _bindable_names() -> list[str]:
+    """Every `configurable.parameter` gin knows about."""
+    names = []
+    for selector, configurable in gin.config._REGISTRY.items():  # gin has no public listing
+        if selector.startswith("gin."):
+            continue
+        short = selector.split(".")[-1]
+        try:
+            params = inspect.signature(configurable.wrapped).parameters
+        except (TypeError, ValueError):
+            continue
+        hidden = {"self", "args", "kwargs", *(configurable.denylist or ())}
+        allowed = configurable.allowlist
+        names += [f"{short}.{p}" for p in params
+                  if p not in hidden and (not allowed or p in allowed)]
+    return names

@@ -49,6 +49,8 @@ def cross_entropy_sums(
     *,
     normalize: str = "token",
     z_loss: float = 0.0,
+    task_ids: jax.Array | None = None,
+    num_tasks: int = 0,
 ) -> dict[str, jax.Array]:
     """Summed loss terms of one (micro)batch; divide `loss` by `denominator`.
 
@@ -56,7 +58,9 @@ def cross_entropy_sums(
     Returns a dict of fp32 scalars: `loss` (cross entropy + z-loss, weighted),
     `nll` (cross entropy alone, per-token weights), `z_loss`, `denominator`,
     `correct` (argmax hits on weighted tokens), `tokens` (weighted tokens),
-    `nonpad` (tokens with a non-zero segment id).
+    `nonpad` (tokens with a non-zero segment id). With `num_tasks`, also
+    `task_nll` and `task_tokens` `[num_tasks]`: `nll` and `tokens` split by the
+    task index of each token (`task_ids`); they add up to `nll` and `tokens`.
     """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -68,7 +72,7 @@ def cross_entropy_sums(
     z_term = z_loss * jnp.square(log_z)
     mask = loss_weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {
+    sums = {
         "loss": jnp.sum(weights * (nll + z_term)),
         "nll": jnp.sum(mask * nll),
         "z_loss": jnp.sum(mask * z_term),
@@ -77,3 +81,8 @@ def cross_entropy_sums(
         "tokens": jnp.sum(mask),
         "nonpad": jnp.sum((segment_ids != 0).astype(jnp.float32)),
     }
+    if num_tasks:
+        ids = jnp.clip(task_ids.astype(jnp.int32), 0, num_tasks - 1).reshape(-1)
+        sums["task_nll"] = jax.ops.segment_sum((mask * nll).reshape(-1), ids, num_tasks)
+        sums["task_tokens"] = jax.ops.segment_sum(mask.reshape(-1), ids, num_tasks)
+    return sums

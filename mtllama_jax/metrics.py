@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 
@@ -84,8 +84,12 @@ class MetricsWriter:
         config: LlamaConfig | None = None,
         length: int | None = None,
         progress: bool = True,
+        task_names: Sequence[str] = (),
+        task_groups: Mapping[str, str] | None = None,
     ):
+        """`task_names` (index -> name) and `task_groups` (name -> cluster) for `write_tasks`."""
         self.primary = jax.process_index() == 0
+        self.task_names, self.task_groups = list(task_names), dict(task_groups or {})
         self.config, self.length = config, length
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self._tb = {}
@@ -112,6 +116,25 @@ class MetricsWriter:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
                                   refresh=False)
+
+    def write_tasks(self, step: int, nll: Sequence[float], tokens: Sequence[float]) -> None:
+        """Loss and response tokens per task (kind `task`) and per cluster (`task_cluster`).
+
+        `nll[i]` and `tokens[i]` are task i's summed loss and tokens since the last
+        log; tasks without tokens in that window are left out.
+        """
+        per_task, per_group = {}, {}
+        for name, n, t in zip(self.task_names, nll, tokens):
+            if t > 0:
+                per_task[f"{name}/loss"], per_task[f"{name}/tokens"] = n / t, t
+                group = self.task_groups.get(name)
+                if group is not None:
+                    g = per_group.setdefault(group, [0.0, 0.0])
+                    g[0], g[1] = g[0] + n, g[1] + t
+        self.write(step, per_task, "task")
+        self.write(step, {k: v for g, (n, t) in sorted(per_group.items())
+                          for k, v in ((f"{g}/loss", n / t), (f"{g}/tokens", t))},
+                   "task_cluster")
 
     def write(self, step: int, values: Mapping[str, float], kind: str) -> None:
         """One record of `kind` (train, eval, zero_shot, ...) at `step`."""

@@ -18,11 +18,8 @@ and any batch source; tests and scripts call it without gin.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import difflib
-import inspect
+import logging
 import os
-import re
 import sys
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -32,9 +29,11 @@ import numpy as np
 
 from mtllama_jax import checkpoints, launch, metrics, optim, partitioning, trainer
 from mtllama_jax.config import LlamaConfig
-from mtllama_jax.gin_configurables import GIN_DIR, model_config_from_gin
+from mtllama_jax.gin_configurables import model_config_from_gin
+from mtllama_jax.launch import parse_gin
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
+DATA_CACHE_ENV = "MTLLAMA_DATA_CACHE"
 
 
 @gin.configurable
@@ -110,10 +109,16 @@ def run(
     tokenizer_files: Sequence[str] = (),
     gin_config: str | None = None,
     progress: bool = True,
+    task_names: Sequence[str] = (),
+    task_groups: Mapping[str, str] | None = None,
 ):
     """Trains to `num_steps`, resuming from MODEL_DIR's latest checkpoint if any.
 
     `batches(start_step)` yields this process's rows for steps start_step, ...
+    When it returns an iterator with `orbax_save_args` (the cache's pipeline),
+    its position is saved with every checkpoint and restored on resume.
+    `task_names` (the batches' `task_ids` index them) turn on per-task loss,
+    summed per `task_groups` cluster as well.
     A fresh run starts from `init_checkpoint` (a params-only folder) or from
     random params drawn from `seed`. Returns (state, "done" | "preempted" |
     "nonfinite").
@@ -124,6 +129,7 @@ def run(
     step_fn = trainer.Trainer(
         config, mesh_, rules, tx, schedule=schedule, microbatches=microbatches,
         normalize=loss_normalization, z_loss=z_loss, nonfinite=nonfinite,
+        num_tasks=len(task_names),
     )
     ckpt = checkpoints.TrainCheckpoints(
         model_dir, every_steps=checkpoint_every_steps, every_minutes=checkpoint_every_minutes,
@@ -139,21 +145,36 @@ def run(
         state = step_fn.init_state(jax.random.key(seed), params)
     start = int(jax.device_get(state.step))
     checkpoints.write_model_dir_files(model_dir, config, tokenizer_files, gin_config)
+    source = batches(start)
+    if hasattr(source, "orbax_save_args"):
+        _attach_data_state(ckpt, latest, source)
     writer = metrics.MetricsWriter(
         model_dir, total_steps=num_steps, start_step=start, config=config,
-        length=sequence_length, progress=progress,
+        length=sequence_length, progress=progress, task_names=task_names,
+        task_groups=task_groups,
     )
     try:
         with checkpoints.PreemptionWatch() as watch:
             state, reason = trainer.train_loop(
-                step_fn, state, batches(start), num_steps, checkpoints=ckpt, writer=writer,
+                step_fn, state, source, num_steps, checkpoints=ckpt, writer=writer,
                 log_every=log_every_steps, eval_every=eval_every_steps, validation=validation,
                 eval_hook=eval_hook, stop_requested=watch.requested,
             )
     finally:
         writer.close()
         ckpt.close()
+        if hasattr(source, "close"):
+            source.close()
     return state, reason
+
+
+def _attach_data_state(ckpt, latest: int | None, source) -> None:
+    """Saves the data position with each step; restores it from the step resumed, if saved."""
+    ckpt.attach_data(source.orbax_save_args)
+    if latest is not None and not ckpt.restore_data(latest, source.orbax_restore_args()):
+        logging.getLogger(__name__).warning(
+            "checkpoint %d has no data state (written before it was saved): the data "
+            "pipeline seeks to step %d by packing every batch before it", latest, latest)
 
 
 def _load_init_params(path: str, config: LlamaConfig, shardings):
@@ -199,6 +220,8 @@ def train(
     validation_split: str | None = "validation",
     validation_batches: int = 10,
     tokenizer_files: Sequence[str] = (),
+    data_cache: str | None = None,
+    data_workers: int | None = None,
 ):
     """The training job (gin/runs/*.gin). Returns why it ended: done, preempted, nonfinite.
 
@@ -226,6 +249,12 @@ def train(
       validation_batches: batches per validation.
       tokenizer_files: files copied into MODEL_DIR; by default the SentencePiece model
         of the mixture's vocabulary.
+      data_cache: a tokenized cache of the mixture's train split (`mtllama-cache`; else
+        $MTLLAMA_DATA_CACHE): batches come from it through worker processes, with the
+        data position saved in each checkpoint and loss reported per task. None: read
+        and tokenise on the fly with seqio.
+      data_workers: packing processes of the cached pipeline (None: half the cores, at
+        most 8; 0: pack in the training process).
     """
     from mtllama_jax import data  # seqio and TF: only the entry point needs them
 
@@ -254,6 +283,12 @@ def train(
         yield first
         yield from it
 
+    task_names, task_groups = (), None
+    data_cache = data_cache or os.environ.get(DATA_CACHE_ENV)
+    if data_cache:
+        batches, task_names, task_groups = _cached_batches(
+            data_cache, mixture_or_task_name, sequence_length, rows, seed, data_workers)
+
     validation = None
     if eval_every_steps and validation_split:
         def validation():
@@ -269,9 +304,30 @@ def train(
         validation=validation, eval_hook=zero_shot_hook(config, mesh_and_rules),
         sequence_length=sequence_length,
         tokenizer_files=tokenizer_files or _vocabulary_files(mixture_or_task_name),
-        gin_config=gin.config_str(),
+        gin_config=gin.config_str(), task_names=task_names, task_groups=task_groups,
     )
     return reason
+
+
+def _cached_batches(cache_dir, name, sequence_length, rows, seed, workers):
+    """(batches(start), task names, task -> T0 cluster) of the tokenized cache's pipeline."""
+    import seqio
+
+    from mtllama_jax.data import build, pipeline
+    from mtllama_jax.tasks import p3
+
+    tasks = build.check_cache(cache_dir, name, "train")
+    vocabulary = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    spec = pipeline.PipelineSpec(
+        cache_dir=cache_dir, split="train", tasks=tuple(t for t, _ in tasks),
+        rates=tuple(r for _, r in tasks), sequence_length=sequence_length, rows=rows,
+        bos_id=vocabulary.bos_id, eos_id=vocabulary.eos_id, seed=seed,
+        shard_index=jax.process_index(), num_shards=jax.process_count(), workers=workers)
+    clusters = {r["task"]: r["task_cluster"] for r in p3.t0_train_table()}
+    groups = {t: clusters[t] for t in spec.tasks if t in clusters}
+    return (lambda start: pipeline.CacheBatches(spec, start)), spec.tasks, groups
 
 
 def _take(iterable, n):
@@ -327,86 +383,6 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
         bindings.append(binding.replace("=", " = ", 1))
     args.gin_bindings = bindings
     return args
-
-
-def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()):
-    """Parses gin files and bindings; an unknown name is reported with the near names.
-
-    Every file, included ones too, is found as a real path: as given (absolute, or
-    relative to the working directory), then in `search_paths`, then in the package's
-    gin/ folder.
-    """
-    folders = [*search_paths, str(GIN_DIR)]
-    paths = [resolve_gin_file(f, folders) for f in files]
-    try:
-        with _filesystem_lookup(folders):
-            gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
-    except ValueError as e:
-        raise ValueError(_unknown_binding_message(str(e))) from None
-    except OSError as e:
-        raise FileNotFoundError(
-            f"{e}\n  (gin files are looked up as given, then in --gin_search_paths, then in "
-            f"{GIN_DIR})"
-        ) from None
-
-
-def resolve_gin_file(name: str, folders: Sequence[str]) -> str:
-    """The absolute path of gin file `name`: as given, else the first of `folders` holding it."""
-    for candidate in [name, *(os.path.join(folder, name) for folder in folders)]:
-        if os.path.isfile(candidate):
-            return os.path.abspath(candidate)
-    raise FileNotFoundError(
-        f"gin file {name} not found in the working directory {os.getcwd()} nor in "
-        f"{', '.join(folders)}; give its path, or its folder with --gin_search_paths"
-    )
-
-
-@contextlib.contextmanager
-def _filesystem_lookup(folders: Sequence[str]):
-    """Gin looks up included files only on disk: as given, then in `folders`.
-
-    Gin's other reader takes `runs/x.gin` for a file of the Python package `runs`;
-    a folder named so in the working directory (the demo's `runs/`) is a namespace
-    package without a file, and gin fails with a TypeError. Gin has no public
-    setter for either list, hence the private names; both are restored.
-    """
-    prefixes, readers = gin.config._LOCATION_PREFIXES, gin.config._FILE_READERS
-    saved = list(prefixes), list(readers)
-    prefixes[:] = ["", *folders]
-    readers[:] = [(open, os.path.isfile)]
-    try:
-        yield
-    finally:
-        prefixes[:], readers[:] = saved
-
-
-def _unknown_binding_message(error: str) -> str:
-    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
-    if not re.match(r"(No configurable matching|Configurable '.*' doesn't have)", lines[0]):
-        return error
-    match = re.match(r"([\w./]+)\s*=", lines[-1])
-    name = match.group(1) if match else lines[0]
-    near = difflib.get_close_matches(name, _bindable_names(), n=5, cutoff=0.6)
-    hint = f" Near names: {', '.join(near)}." if near else ""
-    return f"unknown gin binding {name!r}: {lines[0]}{hint}\n  " + "\n  ".join(lines[1:])
-
-
-def _bindable_names() -> list[str]:
-    """Every `configurable.parameter` gin knows about."""
-    names = []
-    for selector, configurable in gin.config._REGISTRY.items():  # gin has no public listing
-        if selector.startswith("gin."):
-            continue
-        short = selector.split(".")[-1]
-        try:
-            params = inspect.signature(configurable.wrapped).parameters
-        except (TypeError, ValueError):
-            continue
-        hidden = {"self", "args", "kwargs", *(configurable.denylist or ())}
-        allowed = configurable.allowlist
-        names += [f"{short}.{p}" for p in params
-                  if p not in hidden and (not allowed or p in allowed)]
-    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,9 @@ class Trainer:
         normalize: str = "token",
         z_loss: float = 0.0,
         nonfinite: str = "skip",
+        num_tasks: int = 0,
     ):
+        """`num_tasks` > 0: batches carry `task_ids` and steps report loss per task."""
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"train.nonfinite={nonfinite!r}: choose one of {NONFINITE_POLICIES}")
         if normalize not in losses.NORMALIZATIONS:
@@ -62,6 +64,8 @@ class Trainer:
         self.schedule = schedule
         self.microbatches = microbatches
         self.normalize, self.z_loss, self.nonfinite = normalize, z_loss, nonfinite
+        self.num_tasks = num_tasks
+        self.features = BATCH_FEATURES + (("task_ids",) if num_tasks else ())
         self.model = LlamaForCausalLM(config)
         self.abstract_state, self.state_shardings = train_state.state_shardings(
             config, mesh, rules, tx
@@ -73,7 +77,7 @@ class Trainer:
             mesh.shape[a] for a in _axes(batch_spec[0] if batch_spec else None)
         )
         replicated = NamedSharding(mesh, PartitionSpec())
-        batch_shardings = {k: self.batch_sharding for k in BATCH_FEATURES}
+        batch_shardings = {k: self.batch_sharding for k in self.features}
         self._train_step = jax.jit(
             self._step,
             in_shardings=(self.state_shardings, batch_shardings),
@@ -118,9 +122,9 @@ class Trainer:
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a batch, assembled into sharded global arrays."""
-        missing = [k for k in BATCH_FEATURES if k not in local]
+        missing = [k for k in self.features if k not in local]
         if missing:
-            raise ValueError(f"batch lacks feature(s) {missing}; a batch holds {BATCH_FEATURES}")
+            raise ValueError(f"batch lacks feature(s) {missing}; a batch holds {self.features}")
         rows, length = np.shape(local["input_tokens"])
         global_rows = rows * jax.process_count()
         shards = self.batch_shards * self.microbatches
@@ -135,7 +139,7 @@ class Trainer:
             k: jax.make_array_from_process_local_data(
                 self.batch_sharding, np.asarray(local[k]), (global_rows, length)
             )
-            for k in BATCH_FEATURES
+            for k in self.features
         }
 
     # ---- traced bodies -----------------------------------------------------------------
@@ -157,6 +161,8 @@ class Trainer:
             batch["segment_ids"],
             normalize=self.normalize,
             z_loss=self.z_loss,
+            task_ids=batch.get("task_ids"),
+            num_tasks=self.num_tasks,
         )
 
     def _grads(self, params, batch):
@@ -227,6 +233,8 @@ class Trainer:
             "nonfinite": bad,
             "skipped_steps": new_state.skipped,
         }
+        if self.num_tasks:  # summed over the step; train_loop adds them up between logs
+            metrics["task_nll"], metrics["task_tokens"] = sums["task_nll"], sums["task_tokens"]
         if self.schedule is not None:
             metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
         return new_state, metrics
@@ -260,6 +268,8 @@ def validation_metrics(trainer: Trainer, params, batches: Iterable[Mapping[str, 
     """Teacher-forced loss (per token), accuracy and perplexity over validation batches."""
     total: dict[str, float] | None = None
     for local in batches:
+        local = dict(local)
+        local.setdefault("task_ids", np.zeros_like(local["segment_ids"]))
         sums = jax.device_get(trainer.eval_step(params, trainer.global_batch(local)))
         total = sums if total is None else {k: total[k] + sums[k] for k in total}
     if total is None or total["tokens"] == 0:
@@ -299,12 +309,16 @@ def train_loop(
     stop_each_step = trainer.nonfinite == "stop"
     batches = iter(batches)
     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    task_sums = None  # per-task (nll, tokens) since the last log, on the devices
     reason = "done"
     while step < num_steps:
         local = next(batches, None)
         if local is None:
             raise ValueError(f"the training data ran out at step {step} of {num_steps}")
         state, metrics = trainer.train_step(state, trainer.global_batch(local))
+        if trainer.num_tasks:
+            sums = (metrics.pop("task_nll"), metrics.pop("task_tokens"))
+            task_sums = sums if task_sums is None else jax.tree.map(jnp.add, task_sums, sums)
         window_steps += 1
         window_tokens += np.size(local["input_tokens"]) * jax.process_count()
         if stop_each_step and int(jax.device_get(metrics["nonfinite"])):
@@ -317,6 +331,9 @@ def train_loop(
             values["step_time_s"] = elapsed / window_steps
             values["tokens_per_s"] = window_tokens / elapsed
             writer.write_train(step, values)
+            if task_sums is not None:
+                writer.write_tasks(step, *jax.device_get(task_sums))
+                task_sums = None
             window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         if eval_every and step % eval_every == 0 and writer is not None:
             if validation is not None:

@@ -68,6 +68,7 @@ def text_preprocessors(wrapper_name) -> list:
                     num_parallel_calls=tf.data.AUTOTUNE)
         return formats.wrap_preprocessor(ds, wrapper=wrapper_name())
 
+    strip_and_wrap.prompt_wrapper = wrapper_name  # recorded by the tokenized cache
     return [strip_and_wrap, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
 
 

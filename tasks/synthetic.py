@@ -387,12 +387,14 @@ def register() -> None:
             name = task_name(cluster, template)
             if name in seqio.TaskRegistry.names():
                 continue
+            source = seqio.FunctionDataSource(
+                functools.partial(_dataset_fn, cluster, template),
+                splits=("train", "validation"),
+            )
+            source.prompt_wrapper = synthetic_wrapper  # recorded by the tokenized cache
             seqio.TaskRegistry.add(
                 name,
-                source=seqio.FunctionDataSource(
-                    functools.partial(_dataset_fn, cluster, template),
-                    splits=("train", "validation"),
-                ),
+                source=source,
                 preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
                 output_features=features,
                 metric_fns=[t5_metrics.accuracy],

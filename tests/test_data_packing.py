@@ -23,7 +23,7 @@ def test_rows_follow_the_batch_contract():
     assert not b["segment_ids"][1].any() and not b["loss_weights"][1].any()
     assert {k: v.dtype.name for k, v in b.items()} == {
         "input_tokens": "int32", "target_tokens": "int32", "positions": "int32",
-        "segment_ids": "int32", "loss_weights": "float32"}
+        "segment_ids": "int32", "loss_weights": "float32", "task_ids": "int32"}
 
 
 def test_over_long_inputs_cut_from_the_left_or_dropped():
@@ -54,7 +54,7 @@ def test_fill_on_a_p3_like_length_distribution(length):
     rng = np.random.default_rng(1)
     totals = np.clip(rng.lognormal(np.log(length) - 2.6, 1.0, 3000).astype(int), 3, length)
     stats = data.PackingStats(length)
-    rows = list(data._counted(data.pack_rows(
+    rows = list(data.counted(data.pack_rows(
         (example(t - 2, 2) for t in totals), length=length, eos_id=EOS, stats=stats), stats))
     assert stats.segments == 3000 and stats.tokens == totals.sum()
     assert all(sum(len(i) + len(t) for i, t in r) <= length for r in rows)

@@ -5,7 +5,7 @@ import importlib.util
 import gin
 import pytest
 
-from mtllama_jax import train
+from mtllama_jax import launch, train
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def test_flags_are_t5x_style():
 ])
 def test_unknown_binding_lists_near_names(binding, near):
     with pytest.raises(ValueError) as err:
-        train.parse_gin(["runs/finetune.gin"], [binding])
+        launch.parse_gin(["runs/finetune.gin"], [binding])
     message = str(err.value)
     assert message.startswith(f"unknown gin binding '{binding.split(' ')[0]}'")
     assert near in message.split("Near names:")[1]
@@ -41,11 +41,11 @@ def test_unknown_binding_lists_near_names(binding, near):
 
 def test_missing_gin_file_names_the_search_paths():
     with pytest.raises(FileNotFoundError, match="runs/nope.gin.*--gin_search_paths"):
-        train.parse_gin(["runs/nope.gin"], [])
+        launch.parse_gin(["runs/nope.gin"], [])
 
 
 def test_mtllama_7b_run_file_is_the_recipe():
-    train.parse_gin(["runs/mtllama_7b.gin", "mesh/fsdp.gin"], ["MODEL_DIR = '/tmp/m'"])
+    launch.parse_gin(["runs/mtllama_7b.gin", "mesh/fsdp.gin"], ["MODEL_DIR = '/tmp/m'"])
     config = train.model_config_from_gin()
     assert (config.vocab_size, config.hidden_size, config.num_layers) == (32001, 4096, 32)
     q = gin.query_parameter
@@ -57,7 +57,7 @@ def test_mtllama_7b_run_file_is_the_recipe():
 
 @pytest.mark.parametrize("mesh_file", ["single", "fsdp", "fsdp_tp"])
 def test_mesh_files_build_meshes(mesh_file):
-    train.parse_gin([f"mesh/{mesh_file}.gin"], [])
+    launch.parse_gin([f"mesh/{mesh_file}.gin"], [])
     if mesh_file == "single":
         gin.bind_parameter("mesh.data", 8)  # this test process has 8 CPU devices
     mesh, rules = train.mesh()
@@ -88,14 +88,14 @@ def runs_folder_in_cwd(tmp_path, monkeypatch):
 
 
 def test_a_runs_folder_in_the_working_directory_does_not_shadow_gin_files(runs_folder_in_cwd):
-    train.parse_gin(["runs/mtllama_7b.gin"], ["MODEL_DIR = '/tmp/m'"])  # includes models/, runs/
+    launch.parse_gin(["runs/mtllama_7b.gin"], ["MODEL_DIR = '/tmp/m'"])  # includes models/, runs/
     assert gin.query_parameter("LlamaConfig.num_layers") == 32
 
 
 def test_a_gin_file_in_the_working_directory_comes_first(runs_folder_in_cwd):
     (runs_folder_in_cwd / "runs" / "mine.gin").write_text(
         "include 'runs/finetune.gin'\ntrain.batch_size = 3\n")
-    train.parse_gin(["runs/mine.gin"], [])
+    launch.parse_gin(["runs/mine.gin"], [])
     assert gin.query_parameter("train.batch_size") == 3
     assert gin.query_parameter("%SEQUENCE_LENGTH") == 2048  # from gin/runs/finetune.gin
 
@@ -103,4 +103,4 @@ def test_a_gin_file_in_the_working_directory_comes_first(runs_folder_in_cwd):
 def test_a_missing_included_file_names_the_including_file(runs_folder_in_cwd):
     (runs_folder_in_cwd / "runs" / "bad.gin").write_text("include 'models/none.gin'\n")
     with pytest.raises(FileNotFoundError, match=r"models/none.gin(.|\n)*runs/bad.gin"):
-        train.parse_gin(["runs/bad.gin"], [])
+        launch.parse_gin(["runs/bad.gin"], [])

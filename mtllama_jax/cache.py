@@ -1,0 +1,86 @@
+"""`mtllama-cache`: tokenizes a seqio task or mixture into a cache that training reads.
+
+    mtllama-cache --mixture_or_task_name=t0_train --split=train --out=/data/t0_cache
+    mtllama-train ... --gin.train.data_cache="'/data/t0_cache'"
+
+Flags: `--mixture_or_task_name`, `--split`, `--out` (shorthands for
+`--gin.cache.NAME=...`), `--gin_file`, `--gin.NAME=VALUE` and
+`--gin_search_paths` as for `mtllama-train`: give the gin files and bindings
+that configure the data (P3 folder, tokenizer, wrapper, user tasks and
+mixtures), so the tasks are tokenised exactly as the training job reads them.
+Rerunning it builds only the tasks that are missing or whose tokenizer,
+wrapper or source files changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+SHORTHANDS = ("mixture_or_task_name", "split", "out")
+
+
+def cache(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
+          gin_search_paths: Sequence[str] = ()) -> dict:
+    """Builds the cache the parsed gin configuration describes (`cache.*`); its manifest."""
+    from mtllama_jax.data import build, cache as cache_files
+
+    settings = build.job_settings()
+    verify = settings.pop("verify")
+    manifest = build.build(settings.pop("mixture_or_task_name"), settings.pop("split"),
+                           settings.pop("out"), gin_files=gin_files, gin_bindings=gin_bindings,
+                           gin_search_paths=gin_search_paths, **settings)
+    if verify:
+        for task in manifest["tasks"]:
+            cache_files.CachedTask(manifest["out"], task, manifest["split"]).verify()
+    return manifest
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """T5X-style flags plus the three shorthands."""
+    parser = argparse.ArgumentParser(prog="mtllama-cache", description=__doc__.split("\n")[0])
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    for name in SHORTHANDS:
+        parser.add_argument(f"--{name}", help=f"shorthand for --gin.cache.{name}")
+    args, rest = parser.parse_known_args(argv)
+    bindings = []
+    for item in rest:
+        if not item.startswith("--gin.") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
+        bindings.append(item[len("--gin."):].replace("=", " = ", 1))
+    for name in SHORTHANDS:
+        value = getattr(args, name)
+        if value is not None:
+            bindings.append(f"cache.{name} = {value!r}")
+    args.gin_bindings = bindings
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
+    from mtllama_jax.data.build import job_settings  # noqa: F401  registers `cache.*`
+    from mtllama_jax.data.cache import CacheError
+    from mtllama_jax.launch import parse_gin
+
+    search = [p for p in args.gin_search_paths.split(",") if p]
+    try:
+        parse_gin(args.gin_file, args.gin_bindings, search)
+        manifest = cache(gin_files=args.gin_file, gin_bindings=args.gin_bindings,
+                         gin_search_paths=search)
+    except (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError) as e:
+        print(f"mtllama-cache: error: {e}", file=sys.stderr)
+        return 2
+    tasks = manifest["tasks"]
+    print(f"mtllama-cache: {len(tasks)} task(s), "
+          f"{sum(t['examples'] for t in tasks.values())} examples, "
+          f"{sum(t['tokens'] for t in tasks.values())} tokens"
+          + (f"; {len(manifest['missing'])} task(s) left to other hosts"
+             if manifest["missing"] else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
