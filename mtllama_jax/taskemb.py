@@ -161,6 +161,7 @@ class Embedder:
         self.batch_size = multiple * math.ceil(batch_size / multiple)
         self.max_length = max_length or config.max_position_embeddings
         self.length_bucket = length_bucket
+        self.cut_prompts = 0
         self._compiled: dict = {}
 
     # ---- public ----------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Embedder:
             total = out if total is None else total + out
             used += rows
         if not used:
-            raise NoExamples("no example to embed: every pair was dropped (empty response?)")
+            raise NoExamples("no example to embed: the task gave no (prompt, response) pair")
         return total / used, used
 
     def hidden_mean(self, params, pairs, progress: str | None = None) -> tuple[np.ndarray, int]:
@@ -199,19 +200,23 @@ class Embedder:
     # ---- batching --------------------------------------------------------------------------
 
     def _batches(self, pairs, progress, what):
-        """One example per row (`data.rows_to_batch`), cut from the left to fit (counted)."""
+        """One example per row (`data.rows_to_batch`); too long: the prompt's start is cut.
+
+        An empty response (EOS alone, a model that says nothing) is kept: it is
+        an answer. Cut prompts are counted in `self.cut_prompts`.
+        """
         from tqdm import tqdm
 
         from mtllama_jax import data
 
-        stats = data.PackingStats(self.max_length)
-        eos = self.config.eos_token_id
         fitted = []
         for inputs, targets in pairs:
-            pair = data.fit_example(np.asarray(inputs, np.int32), np.asarray(targets, np.int32),
-                                    self.max_length, eos, stats)
-            if pair is not None:
-                fitted.append(pair)
+            inputs, targets = list(inputs), list(targets)[:self.max_length]
+            excess = len(inputs) + len(targets) - self.max_length
+            if excess > 0:
+                inputs = inputs[excess:]
+                self.cut_prompts += 1
+            fitted.append((np.asarray(inputs, np.int32), np.asarray(targets, np.int32)))
         chunks = [fitted[i:i + self.batch_size] for i in range(0, len(fitted), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"{what} {progress}", disable=progress is None):
             longest = max(len(i) + len(t) for i, t in chunk)
@@ -454,6 +459,7 @@ def embed_tasks(embedder: Embedder, params, tasks: Sequence[str], *,
     for task in tasks:
         pairs, notes = load_pairs(task, split, num_examples, seed)
         show = task if progress else None
+        cut_before = embedder.cut_prompts
         for method in methods:
             if method == "data":
                 emb = data_embedding(embedder, params, pairs, show)
@@ -461,8 +467,13 @@ def embed_tasks(embedder: Embedder, params, tasks: Sequence[str], *,
                 emb = baseline_embedding(embedder, params, pairs, show)
             else:
                 emb = model_embedding(embedder, params, pairs, answer([p for p, _ in pairs]), show)
-            emb.notes = list(notes)
             out[method][task] = emb
+        cut = embedder.cut_prompts - cut_before
+        if cut:
+            notes.append(f"task {task!r}: {cut} prompts cut from the left to fit "
+                         f"max_length={embedder.max_length}")
+        for method in methods:
+            out[method][task].notes = list(notes)
     return out
 
 

@@ -215,6 +215,14 @@ def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
                    "similarity_baseline.png", "similarity_baseline.tsv", "similarity_data.png",
                    "similarity_data.tsv"]
     assert sorted(np.load(tmp_path / "out" / "embeddings_data.npz").files) == sorted(tasks)
+    gin.bind_parameter("taskemb.mode", "mixture")
+    gin.bind_parameter("taskemb.target", "synthetic_sentiment_t0")
+    gin.bind_parameter("taskemb.k", 2)
+    gin.bind_parameter("taskemb.output_dir", str(tmp_path / "mix"))
+    report = taskemb_job.job()
+    assert len(report["nearest"]) == 2 and "synthetic_sentiment_t0" not in report["nearest"]
+    assert min(report["distances"], key=report["distances"].get) == report["nearest"][0]
+    assert "| nearest |" in (tmp_path / "mix" / "report.md").read_text()
     other = tmp_path / "other"
     small = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16)
