@@ -167,6 +167,13 @@ def test_uses_nearest_clusters_ari_mixture_and_prompt_selection():
                                    {"p0": 50.0, "p1": 70.0, "p2": 90.0})
     assert (chosen["chosen"], chosen["oracle"]) == ("p1", "p2")
     assert chosen["mean_accuracy"] == pytest.approx(70.0)
+    report = {"mode": "prompts", "checkpoint": "/c", "subset": "norms", "parameters": ["p"],
+              "num_examples": 8, "split": "train", "seed": 0, "notes": ["few"],
+              "prompts": {"nli": chosen | {"distances": {"p0": 0.3, "p1": 0.1, "p2": 0.2},
+                                           "accuracy": {"p0": 50.0, "p1": 70.0, "p2": 90.0}}}}
+    text = taskemb.markdown(report)
+    assert "| nli | p1 (70.0) | 70.0 |" in text and "* note: few" in text
+    assert text.index("| p1 | 0.1000 |") < text.index("| p2 | 0.2000 |")
 
 
 def test_bad_input_named_errors():
@@ -232,5 +239,6 @@ def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
     try:
         with pytest.raises(taskemb.VocabularyMismatch, match="vocab_size 512"):
             taskemb_job.job()
+        assert taskemb_job.main(["--gin_file=mesh/nope.gin"]) == 2
     finally:
         gin.clear_config()
