@@ -18,8 +18,9 @@ Per seed, on the local devices (a 2-core CPU is enough):
    `--mixture-steps` on each pick (same steps, same seed) and is scored (rank
    accuracy) on every template of the target cluster.
 
-Prints one table per figure, mean and each seed; writes results.json and the
-seed-0 heatmaps to --out.
+Prints one table per figure, mean and each seed; writes results_seed<N>.json
+per seed and the seed-0 heatmaps to --out (seeds may run in separate processes
+on one --out; `--tables-only` prints the tables of every seed found there).
 
     python benchmarks/bench_taskemb.py --seeds 0 1 2 [--surrogate-steps 300] \
         [--mixture-steps 200] [--num-examples 32] [--out runs/bench_taskemb]
@@ -138,7 +139,7 @@ def run_seed(seed, args, mesh, rules, step_fns, decoder, vocabulary):
     embedder = taskemb.Embedder(CONFIG, mesh, rules, batch_size=16, max_length=LENGTH)
     tasks = all_tasks()
     ari, emb = clusters_figure(embedder, surrogate, init, tasks, args.num_examples, seed,
-                               args.out if seed == args.seeds[0] else None)
+                               args.out if seed == 0 else None)
     print(f"seed {seed}: ARI {ari} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     def model_for(params):
@@ -198,11 +199,11 @@ def main():
     parser.add_argument("--tables-only", action="store_true",
                         help="print the tables of --out/results.json and exit")
     args = parser.parse_args()
-    path = os.path.join(args.out, "results.json")
     results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    for name in sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []:
+        if name.startswith("results_seed") and name.endswith(".json"):
+            with open(os.path.join(args.out, name)) as f:
+                results |= json.load(f)
     if args.tables_only:
         print(tables(results))
         return
@@ -218,7 +219,8 @@ def main():
             continue
         results[str(seed)] = run_seed(seed, args, mesh, rules, step_fns, decoder,
                                       synthetic.vocabulary())
-        taskemb.write_atomic(path, json.dumps(results, indent=1) + "\n")
+        taskemb.write_atomic(os.path.join(args.out, f"results_seed{seed}.json"),
+                             json.dumps({str(seed): results[str(seed)]}, indent=1) + "\n")
     print(tables(results))
 
 

@@ -149,7 +149,6 @@ class Embedder:
         self.config, self.mesh = config, mesh
         self.rules = partitioning.logical_axis_rules("data") if rules is None else rules
         self.paths = subset_paths(config, subset)
-        self.subset = subset
         self.model = LlamaForCausalLM(config)
         self.param_shardings = partitioning.param_shardings(config, mesh, self.rules)
         self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
@@ -173,28 +172,23 @@ class Embedder:
         `pairs` are (prompt ids without BOS, response ids with EOS). The
         gradient is of the summed log-likelihood of the response tokens.
         """
+        return self._mean("fisher", params, pairs, progress)
+
+    def hidden_mean(self, params, pairs, progress: str | None = None) -> tuple[np.ndarray, int]:
+        """(mean over examples of the mean final hidden state over prompt tokens; examples)."""
+        return self._mean("hidden", params, pairs, progress)
+
+    def _mean(self, kind, params, pairs, progress):
         total, used = None, 0
-        for batch, rows in self._batches(pairs, progress, "fisher"):
-            out = self._fn("fisher", batch["input_tokens"].shape)(self._put(params), *(
-                self._rows(batch[k]) for k in _FEATURES))
+        params = self._put(params)
+        for batch, rows in self._batches(pairs, progress, kind):
+            out = self._fn(kind, batch["input_tokens"].shape)(
+                params, *(self._rows(batch[k]) for k in _FEATURES))
             out = np.asarray(jax.device_get(out), np.float64)
             total = out if total is None else total + out
             used += rows
         if not used:
             raise NoExamples("no example to embed: the task gave no (prompt, response) pair")
-        return total / used, used
-
-    def hidden_mean(self, params, pairs, progress: str | None = None) -> tuple[np.ndarray, int]:
-        """(mean over examples of the mean final hidden state over prompt tokens; examples)."""
-        total, used = None, 0
-        for batch, rows in self._batches(pairs, progress, "hidden"):
-            out = self._fn("hidden", batch["input_tokens"].shape)(self._put(params), *(
-                self._rows(batch[k]) for k in _FEATURES))
-            out = np.asarray(jax.device_get(out), np.float64)
-            total = out if total is None else total + out
-            used += rows
-        if not used:
-            raise NoExamples("no example to embed")
         return total / used, used
 
     # ---- batching --------------------------------------------------------------------------
@@ -299,16 +293,6 @@ def _in_context(fn, mesh, rules):
 # ---- tasks -> pairs ----------------------------------------------------------------------
 
 
-def task_pairs(examples: Sequence[Mapping[str, Any]], task: str
-               ) -> list[tuple[list[int], list[int]]]:
-    """(inputs, targets) token ids of a task's examples; MissingTargets without `targets`."""
-    if examples and "targets" not in examples[0]:
-        raise MissingTargets(
-            f"task {task!r} has no 'targets' feature (it has {sorted(examples[0])}); a task "
-            "embedding needs responses: give the task a 'targets' output feature")
-    return [(list(ex.get("inputs", [])), list(ex["targets"])) for ex in examples]
-
-
 def load_pairs(task: str, split: str, num_examples: int, seed: int = 0
                ) -> tuple[list[tuple[list[int], list[int]]], list[str]]:
     """Up to `num_examples` (inputs, targets) of a seqio task, and notes (fewer than asked).
@@ -326,9 +310,8 @@ def load_pairs(task: str, split: str, num_examples: int, seed: int = 0
             "the task with a 'targets' feature")
     ds = provider.get_dataset(sequence_length=None, split=split, shuffle=True, seed=seed,
                               num_epochs=1)
-    examples = [{k: v for k, v in ex.items() if k in ("inputs", "targets")}
-                for ex in ds.take(num_examples).as_numpy_iterator()]
-    pairs = task_pairs(examples, task)
+    pairs = [(ex["inputs"].tolist() if "inputs" in ex else [], ex["targets"].tolist())
+             for ex in ds.take(num_examples).as_numpy_iterator()]
     if not pairs:
         raise NoExamples(f"task {task!r}: split {split!r} has no examples")
     notes = []
