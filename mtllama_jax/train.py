@@ -27,26 +27,13 @@ import gin
 import jax
 import numpy as np
 
-from mtllama_jax import checkpoints, launch, metrics, optim, partitioning, trainer
+from mtllama_jax import checkpoints, launch, metrics, optim, trainer
 from mtllama_jax.config import LlamaConfig
-from mtllama_jax.gin_configurables import model_config_from_gin
+from mtllama_jax.gin_configurables import mesh, model_config_from_gin
 from mtllama_jax.launch import parse_gin
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 DATA_CACHE_ENV = "MTLLAMA_DATA_CACHE"
-
-
-@gin.configurable
-def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, rules: str = "fsdp"):
-    """The device mesh and logical rules (gin/mesh/*.gin).
-
-    Args:
-      data: data-parallel size (weights replicated across it).
-      fsdp: fully-sharded data-parallel size; -1 takes the devices left over.
-      tensor: tensor-parallel size (heads, MLP, vocabulary split across it).
-      rules: logical axis rule set of `partitioning.RULE_SETS`: data, fsdp, fsdp_tp.
-    """
-    return partitioning.make_mesh(data, fsdp, tensor), partitioning.logical_axis_rules(rules)
 
 
 @gin.configurable(denylist=["num_steps"])

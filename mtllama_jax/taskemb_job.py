@@ -1,0 +1,240 @@
+"""`mtllama-taskemb`: task embeddings of seqio tasks with a checkpoint, and their three uses.
+
+    mtllama-taskemb --gin_file=mesh/single.gin --gin_file=runs/taskemb.gin \\
+        --gin.CHECKPOINT="'runs/demo/model'" --gin.TASKEMB_DIR="'/tmp/taskemb'" \\
+        --gin.taskemb.mode="'similarity'"
+
+Modes (`taskemb.mode`), each writing `report.md` and `report.json`:
+
+* `similarity`: embeddings of every task of `mixture_or_task_names` by each of
+  `methods` (`embeddings_<method>.npz` keyed by task, `similarity_<method>.tsv`,
+  `similarity_<method>.png` ordered by cluster); each task's nearest tasks; the
+  adjusted Rand index of the embedding clusters against the true ones (the
+  synthetic world's, or `tasks/t0_train_tasks.tsv`'s `task_cluster`).
+* `prompts`: for each cluster among the tasks (one task per template), the
+  template whose model embedding (the answers of `model_checkpoint`, default
+  the surrogate) lies nearest its data embedding, against the mean, a random
+  and the best template by accuracy on `eval_split`.
+* `mixture`: the `k` tasks of `candidates` nearest `target`, and `k` at random.
+
+Flags as for `mtllama-eval` (`--gin_file`, `--gin.NAME=VALUE`, `--gin_search_paths`).
+Every output is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+import gin
+import jax
+import numpy as np
+
+from mtllama_jax import checkpoint_folder, decoding, evaluation, partitioning, taskemb
+from mtllama_jax.gin_configurables import GIN_DIR, mesh
+
+MODES = ("similarity", "prompts", "mixture")
+
+
+def open_surrogate(folder: str, mesh_, rules, step: int | None = None):
+    """(config, params on the mesh, tokenizer.model path or None) of a checkpoint folder."""
+    config = checkpoint_folder.load_config(folder)
+    params = checkpoint_folder.load_params(
+        folder, partitioning.param_shardings(config, mesh_, rules), step=step)
+    tokenizer = os.path.join(folder, checkpoint_folder.TOKENIZER)
+    return config, params, tokenizer if os.path.exists(tokenizer) else None
+
+
+@gin.configurable("taskemb")
+def job(
+    checkpoint: str = gin.REQUIRED,
+    mixture_or_task_names: Sequence[str] = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    mode: str = "similarity",
+    methods: Sequence[str] = ("data", "baseline"),
+    model_checkpoint: str | None = None,
+    target: str | None = None,
+    candidates: Sequence[str] = (),
+    k: int = 3,
+    num_examples: int = 64,
+    split: str = "train",
+    seed: int = 0,
+    subset: str = "norms",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    max_new_tokens: int = 32,
+    eval_split: str = "validation",
+    eval_examples: int | None = None,
+    nearest_k: int = 3,
+    step: int | None = None,
+) -> dict:
+    """The task-embedding job (gin/runs/taskemb.gin). Returns the report dict.
+
+    Args:
+      checkpoint: the surrogate checkpoint folder (config.json, tokenizer.model, params).
+      mixture_or_task_names: the tasks to embed (mixtures expand to their tasks).
+      output_dir: where the embeddings, matrices, heatmaps and reports go.
+      mode: similarity, prompts or mixture (see the module doc).
+      methods: embeddings of `similarity`: data (Fisher), baseline (hidden state), model.
+      model_checkpoint: the model whose greedy answers make model embeddings
+        (None: the surrogate itself).
+      target: the target task of `mixture`.
+      candidates: the tasks `mixture` picks from (mixtures expand).
+      k: tasks `mixture` picks.
+      num_examples: N, examples per task averaged (fewer when the split has fewer: noted).
+      split: the split embedded.
+      seed: the shuffle of the examples and the random baselines.
+      subset: the Fisher's parameters, a name of `taskemb.PARAM_SUBSETS`.
+      batch_size: examples per device batch (rounded up to the mesh's batch shards).
+      max_length: longest example in tokens (None: the model's context); longer ones
+        lose the start of their prompt.
+      max_new_tokens: answer budget of the model embeddings.
+      eval_split / eval_examples: what `prompts` measures each template's accuracy on.
+      nearest_k: nearest tasks listed per task in `similarity`.
+      step: the training step of a MODEL_DIR checkpoint (None: the latest).
+    """
+    if mode not in MODES:
+        raise ValueError(f"taskemb.mode={mode!r}: choose one of {MODES}")
+    mesh_, rules = mesh()
+    config, params, tokenizer = open_surrogate(checkpoint, mesh_, rules, step)
+    _point_tasks_at(tokenizer)
+    tasks = evaluation.task_names(mixture_or_task_names)
+    if mode == "mixture":
+        if not target:
+            raise ValueError("taskemb.mode='mixture' needs taskemb.target, the target task")
+        pool = [t for t in evaluation.task_names(candidates or mixture_or_task_names)
+                if t != target]
+        tasks = [target] + pool
+        methods = ("data",)
+    for task in tasks:
+        taskemb.check_vocabulary(config, tokenizer, task)
+    embedder = taskemb.Embedder(config, mesh_, rules, subset=subset, batch_size=batch_size,
+                                max_length=max_length)
+    model = None
+    if mode == "prompts" or "model" in methods:
+        model = _model(model_checkpoint, mesh_, rules, config, params, tasks[0], max_new_tokens,
+                       batch_size)
+    if mode == "prompts":
+        methods = ("data", "model")
+    print(f"mtllama-taskemb: {mode}: {len(tasks)} tasks, {num_examples} examples each, "
+          f"Fisher over {subset} ({', '.join(embedder.paths)})", flush=True)
+    embeddings = taskemb.embed_tasks(embedder, params, tasks, methods=methods, split=split,
+                                     num_examples=num_examples, seed=seed,
+                                     answer=model.answer if model else None)
+    report = {"mode": mode, "checkpoint": os.path.abspath(checkpoint), "subset": subset,
+              "parameters": list(embedder.paths), "num_examples": num_examples, "split": split,
+              "seed": seed, "notes": sorted({n for by_task in embeddings.values()
+                                             for e in by_task.values() for n in e.notes})}
+    primary = jax.process_index() == 0
+    if primary:
+        for method, by_task in embeddings.items():
+            taskemb.write_npz(os.path.join(output_dir, f"embeddings_{method}.npz"),
+                              {t: e.vector for t, e in by_task.items()})
+    if mode == "similarity":
+        report["methods"] = similarity(output_dir, embeddings, nearest_k, write=primary)
+    elif mode == "prompts":
+        accuracy = model.accuracy(tasks, eval_split, eval_examples)
+        report["prompts"] = taskemb.prompt_selection(embeddings, accuracy, seed)
+    else:
+        vectors = {t: e.vector for t, e in embeddings["data"].items()}
+        report |= {"target": target, "k": k} | taskemb.select_mixture(target, vectors, pool, k,
+                                                                      seed)
+        report["distances"] = {t: taskemb.distance(vectors[target], vectors[t]) for t in pool}
+    if primary:
+        taskemb.write_atomic(os.path.join(output_dir, "report.json"),
+                             json.dumps(report, indent=1) + "\n")
+        taskemb.write_atomic(os.path.join(output_dir, "report.md"), taskemb.markdown(report))
+    return report
+
+
+def _point_tasks_at(tokenizer: str | None) -> None:
+    """Registered LLaMA tasks read the checkpoint's tokenizer (gin's tokenizer_settings wins)."""
+    from mtllama_jax import vocab
+
+    if tokenizer:
+        os.environ[vocab.TOKENIZER_ENV] = tokenizer
+
+
+def _model(folder, mesh_, rules, config, params, task, max_new_tokens, batch_size):
+    """The model whose answers are embedded: `folder`'s, or the surrogate when None."""
+    import seqio
+
+    if folder is not None:
+        config, params, _ = open_surrogate(folder, mesh_, rules)
+    vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+    return taskemb.AnswerModel(decoding.Decoder(config, mesh_, rules), params, vocabulary,
+                               batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def similarity(output_dir: str, embeddings, nearest_k: int, write: bool = True) -> dict:
+    """Per method: similarity matrix (.tsv) and heatmap (.png), nearest tasks, ARI."""
+    out = {}
+    for method, by_task in embeddings.items():
+        names, sim = taskemb.cosine_similarity({t: e.vector for t, e in by_task.items()})
+        clusters = taskemb.true_clusters(names)
+        result = {"nearest": taskemb.nearest(names, sim, nearest_k)}
+        known = [n for n in names if n in clusters]
+        if len(set(clusters.values())) >= 2:
+            idx = [names.index(n) for n in known]
+            labels = taskemb.cluster(sim[np.ix_(idx, idx)], len(set(clusters.values())))
+            result["ari"] = taskemb.adjusted_rand([clusters[n] for n in known], labels)
+            result["clustered_tasks"] = len(known)
+        if write:
+            taskemb.write_atomic(os.path.join(output_dir, f"similarity_{method}.tsv"),
+                                 taskemb.similarity_tsv(names, sim))
+            taskemb.heatmap(names, sim, clusters, os.path.join(output_dir,
+                                                               f"similarity_{method}.png"),
+                            title=f"{method} embedding: cosine similarity")
+        out[method] = result
+    return out
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """--gin_file (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths."""
+    parser = argparse.ArgumentParser(prog="mtllama-taskemb", description=__doc__.split("\n")[0])
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    args, rest = parser.parse_known_args(argv)
+    args.gin_bindings = []
+    for item in rest:
+        if not item.startswith("--gin.") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
+        args.gin_bindings.append(item[len("--gin."):].replace("=", " = ", 1))
+    return args
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
+    """Gin files (looked up in the search paths, then the package's gin/) and bindings."""
+    for path in [*search_paths, str(GIN_DIR)]:
+        gin.add_config_file_search_path(path)
+    logging.disable(logging.ERROR)  # gin logs every search-path miss as an error
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except OSError as e:
+        raise FileNotFoundError(f"{e}; gin files are looked up in --gin_search_paths and "
+                                f"{GIN_DIR}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
+
+    try:
+        parse_gin(args.gin_file, args.gin_bindings,
+                  [p for p in args.gin_search_paths.split(",") if p])
+        report = job()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtllama-taskemb: error: {e}", file=sys.stderr)
+        return 2
+    print(taskemb.markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
