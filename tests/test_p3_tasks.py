@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import seqio
 import tensorflow as tf
-from test_vocab import session_spm
+from conftest import session_spm
 
 import mtllama_jax.tasks  # noqa: F401  (registers everything)
 from mtllama_jax import data, formats, vocab

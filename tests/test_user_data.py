@@ -5,7 +5,7 @@ import os
 import gin
 import pytest
 from test_p3_tasks import PARQUET_TASK, rows, write_parquet
-from test_vocab import session_spm
+from conftest import session_spm
 
 import mtllama_jax.tasks  # noqa: F401
 from mtllama_jax import data, formats, vocab

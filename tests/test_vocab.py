@@ -1,46 +1,13 @@
 """LlamaVocabulary on a real SentencePiece model trained here with LLaMA's ids."""
-import io
 import pickle
-import random
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import tensorflow as tf
 
 from mtllama_jax.vocab import LlamaVocabulary
 
-WORDS = (
-    "the a question answer context premise hypothesis yes no maybe review product movie "
-    "sentence because consequence option choice human assistant user response instruction "
-    "chat curious artificial intelligence helpful detailed polite summary article title"
-).split()
-
-
-def train_llama_spm(path, *, ids=(0, 1, 2), vocab_size=512) -> str:
-    """Train a small BPE model with byte fallback and LLaMA's unk/bos/eos ids."""
-    rng = random.Random(0)
-    lines = [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24)))
-        + " ### Human: ### Assistant: ### USER: ### ASSISTANT: ### Response: 0123456789."
-        for _ in range(400)
-    ]
-    out = io.BytesIO()
-    unk, bos, eos = ids
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
-        model_type="bpe", unk_id=unk, bos_id=bos, eos_id=eos, pad_id=-1,
-        byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2,
-    )
-    path.write_bytes(out.getvalue())
-    return str(path)
-
-
-def session_spm(tmp_path_factory) -> str:
-    """One tokenizer.model per test session, shared by the data test modules."""
-    path = tmp_path_factory.getbasetemp() / "llama_tokenizer.model"
-    return str(path) if path.exists() else train_llama_spm(path)
+from conftest import session_spm, train_llama_spm
 
 
 @pytest.fixture(scope="module")

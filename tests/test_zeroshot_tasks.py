@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_vocab import session_spm
+from conftest import session_spm
 
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
 from mtllama_jax import decoding, evaluation, formats, vocab
