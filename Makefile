@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_compile.py
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_packing.py
+	$(PY) benchmarks/bench_data_cache.py
 	$(PY) benchmarks/bench_decoding.py
 	$(PY) benchmarks/bench_attention.py --smoke
 

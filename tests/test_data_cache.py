@@ -114,13 +114,11 @@ def _run(s, start_state=None, steps=5):
     return out, state
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_at_random_steps_is_bitwise(env, workers):
-    s = spec(env["cache"], workers=workers)
+def test_resume_at_random_steps_is_bitwise(env):
+    s = spec(env["cache"])  # packing in this process; the runs resumed from used 2 workers
     reference, _ = _run(s, steps=24)
-    rng = np.random.default_rng(workers)
-    for k in sorted(rng.choice(np.arange(1, 20), 3, replace=False)):
-        head, state = _run(spec(env["cache"], workers=2 - workers), steps=int(k))
+    for k in sorted(np.random.default_rng().choice(np.arange(1, 20), 2, replace=False)):
+        head, state = _run(spec(env["cache"], workers=2), steps=int(k))
         tail, _ = _run(s, start_state=state, steps=4)
         for a, b in zip(head + tail, reference[:k + 4]):
             assert all(np.array_equal(a[f], b[f]) for f in data.FEATURES), k
@@ -184,6 +182,13 @@ def test_kill_during_build_then_rebuild_equals_uninterrupted(env, tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30  # its tokenising worker exits too (and lets go of its lock)
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     assert os.path.exists(first), "the build never finished a task"
     assert cache_job.main([f"--mixture_or_task_name={MIXTURE}", f"--out={out}",
                            "--gin.cache.workers=1", "--gin.cache.progress=False"]) == 0
