@@ -103,7 +103,7 @@ def prompts_figure(embedder, model, params, tasks, n, seed):
     return taskemb.prompt_selection(emb, accuracy, seed)
 
 
-def mixture_figure(step_fn, data_emb, k, steps, seed, model_for):
+def mixture_figure(step_fn, data_emb, k, steps, seed, model_for, save):
     """Per held-out cluster: target accuracy after training on k nearest vs k random tasks."""
     candidates = evaluation.task_names(["synthetic_train"])
     vectors = {t: e.vector for t, e in data_emb.items()}
@@ -122,7 +122,8 @@ def mixture_figure(step_fn, data_emb, k, steps, seed, model_for):
             row[kind] = statistics.fmean(accuracy.values())
             print(f"  mixture {cluster} {kind} {tasks}: {row[kind]:.1f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-        out[cluster] = row
+            out[cluster] = row
+            save()
     return out
 
 
@@ -132,7 +133,15 @@ def chance(cluster: str) -> float:
 
 
 def run_seed(seed, args, mesh, rules, step_fns, decoder, vocabulary):
+    """Every figure of one seed; results_seed<N>.json is rewritten after each part."""
     started = time.perf_counter()
+    result: dict = {"mixture": {}}
+
+    def save():
+        result["seconds"] = time.perf_counter() - started
+        taskemb.write_atomic(os.path.join(args.out, f"results_seed{seed}.json"),
+                             json.dumps({str(seed): result}, indent=1) + "\n")
+
     surrogate = train(step_fns["surrogate"], "synthetic_train", args.surrogate_steps, seed)
     init = partitioning.init_params(CONFIG, mesh, rules, jax.random.key(seed))
     print(f"seed {seed}: surrogate trained ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -140,52 +149,66 @@ def run_seed(seed, args, mesh, rules, step_fns, decoder, vocabulary):
     tasks = all_tasks()
     ari, emb = clusters_figure(embedder, surrogate, init, tasks, args.num_examples, seed,
                                args.out if seed == 0 else None)
+    result["ari"] = ari
+    save()
     print(f"seed {seed}: ARI {ari} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     def model_for(params):
         return taskemb.AnswerModel(decoder, params, vocabulary, batch_size=32, max_new_tokens=16)
 
-    prompts = prompts_figure(embedder, model_for(surrogate), surrogate, tasks,
-                             args.num_examples, seed)
+    result["prompts"] = prompts_figure(embedder, model_for(surrogate), surrogate, tasks,
+                                       args.num_examples, seed)
+    save()
     print(f"seed {seed}: prompts done ({time.perf_counter() - started:.0f} s)", flush=True)
-    mixture = mixture_figure(step_fns["mixture"], emb["data"], args.k, args.mixture_steps, seed,
-                             model_for)
-    return {"ari": ari, "prompts": prompts, "mixture": mixture,
-            "seconds": time.perf_counter() - started}
+    result["mixture"] = mixture_figure(step_fns["mixture"], emb["data"], args.k,
+                                       args.mixture_steps, seed, model_for, save)
+    save()
+    return result
 
 
 def tables(results: dict) -> str:
-    seeds = sorted(results, key=int)
+    """The three figures over the seeds that have them (a seed may still be running)."""
     mean = statistics.fmean
+
+    def having(part):
+        return sorted((s for s in results if part in results[s]), key=int)
+
+    seeds = having("ari")
     lines = ["Clustering: adjusted Rand index against the 8 true clusters (30 tasks)", "",
              "| embedding | mean | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---" * (2 + len(seeds)) + "|"]
-    for method in results[seeds[0]]["ari"]:
+    for method in results[seeds[0]]["ari"] if seeds else []:
         values = [results[s]["ari"][method] for s in seeds]
         lines.append(f"| {method} | {mean(values):.3f} | "
                      + " | ".join(f"{v:.3f}" for v in values) + " |")
-    lines += ["", "Prompt selection: rank accuracy (%) of the template picked, mean over seeds",
-              "", "| cluster | chosen | mean template | random | oracle |", "|---|---|---|---|---|"]
+    seeds = having("prompts")
+    lines += ["", f"Prompt selection: rank accuracy (%) of the template picked, mean over seeds "
+              f"{', '.join(seeds)}", "",
+              "| cluster | chosen | mean template | random | oracle |", "|---|---|---|---|---|"]
     groups = {"trained clusters (6)": list(synthetic.TRAINING_CLUSTERS),
               "held-out clusters (2)": list(synthetic.HELD_OUT_CLUSTERS)}
     groups |= {c: [c] for c in synthetic.CLUSTERS}
-    for title, clusters in groups.items():
+    for title, clusters in groups.items() if seeds else []:
         cells = [mean(results[s]["prompts"][c][f"{key}_accuracy"] for s in seeds
                       for c in clusters) for key in ("chosen", "mean", "random", "oracle")]
         lines.append(f"| {title} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
     lines += ["", "Mixture selection: target-cluster rank accuracy (%) after training on k "
               "nearest vs k random training tasks", "",
-              "| target | chance | nearest (mean) | random (mean) | per seed nearest / random |",
-              "|---|---|---|---|---|"]
+              "| target | chance | seeds | nearest (mean) | random (mean) | per seed nearest / "
+              "random |", "|---|---|---|---|---|---|"]
+    picks = []
     for cluster in synthetic.HELD_OUT_CLUSTERS:
-        near = [results[s]["mixture"][cluster]["nearest"] for s in seeds]
-        rand = [results[s]["mixture"][cluster]["random"] for s in seeds]
-        lines.append(f"| {cluster} | {chance(cluster):.1f} | {mean(near):.1f} | {mean(rand):.1f} | "
+        rows = [(s, results[s]["mixture"][cluster]) for s in sorted(results, key=int)
+                if {"nearest", "random"} <= set(results[s].get("mixture", {}).get(cluster, {}))]
+        if not rows:
+            continue
+        near, rand = [r["nearest"] for _, r in rows], [r["random"] for _, r in rows]
+        lines.append(f"| {cluster} | {chance(cluster):.1f} | {len(rows)} | {mean(near):.1f} | "
+                     f"{mean(rand):.1f} | "
                      + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(near, rand)) + " |")
-    lines += ["", "Nearest picks: " + "; ".join(
-        f"seed {s} {c}: {', '.join(results[s]['mixture'][c]['picks']['nearest'])}"
-        for s in seeds for c in synthetic.HELD_OUT_CLUSTERS)]
-    return "\n".join(lines)
+        picks += [f"seed {s} {cluster}: nearest {', '.join(r['picks']['nearest'])}; random "
+                  f"{', '.join(r['picks']['random'])}" for s, r in rows]
+    return "\n".join(lines + ["", *picks])
 
 
 def main():
@@ -215,12 +238,11 @@ def main():
                 "mixture": make_trainer(mesh, rules, args.mixture_steps)}
     decoder = decoding.Decoder(CONFIG, mesh, rules)
     for seed in args.seeds:
-        if str(seed) in results:
+        if "seconds" in results.get(str(seed), {}) and len(
+                results[str(seed)]["mixture"]) == len(synthetic.HELD_OUT_CLUSTERS):
             continue
         results[str(seed)] = run_seed(seed, args, mesh, rules, step_fns, decoder,
                                       synthetic.vocabulary())
-        taskemb.write_atomic(os.path.join(args.out, f"results_seed{seed}.json"),
-                             json.dumps({str(seed): results[str(seed)]}, indent=1) + "\n")
     print(tables(results))
 
 
