@@ -15,6 +15,8 @@ def restore_logging(monkeypatch):
     for name in ("TF_CPP_MIN_LOG_LEVEL", "TRANSFORMERS_VERBOSITY"):
         monkeypatch.delenv(name, raising=False)
     levels = {name: logging.getLogger(name).level for name in LOGGERS}
+    for name in LOGGERS:  # as in a fresh process (jobs run in this one set them before)
+        logging.getLogger(name).setLevel(logging.WARNING if name == "" else logging.NOTSET)
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
