@@ -205,8 +205,8 @@ def test_a_dead_worker_ends_the_stream_with_an_error(env):
 
     it = pipeline.CacheBatches(spec(env["cache"], workers=1))
     next(it)
-    for child in psutil.Process().children(recursive=True):
-        if "grain" in " ".join(child.cmdline()) or child.name().startswith("python"):
+    for child in psutil.Process().children(recursive=True):  # Grain's spawned worker
+        if "spawn_main" in " ".join(child.cmdline()):
             child.kill()
     with pytest.raises(RuntimeError, match="terminated unexpectedly"):
         for _ in range(10_000):
