@@ -200,6 +200,20 @@ def test_kill_during_build_then_rebuild_equals_uninterrupted(env, tmp_path):
             assert a == b, (task, name)
 
 
+def test_a_dead_worker_ends_the_stream_with_an_error(env):
+    import psutil
+
+    it = pipeline.CacheBatches(spec(env["cache"], workers=1))
+    next(it)
+    for child in psutil.Process().children(recursive=True):  # Grain's spawned worker
+        if "spawn_main" in " ".join(child.cmdline()):
+            child.kill()
+    with pytest.raises(RuntimeError, match="terminated unexpectedly"):
+        for _ in range(10_000):
+            next(it)
+    it.close()
+
+
 def test_every_example_dropped_fails_naming_the_counts(env):
     with pytest.raises(data.NoFittingExamples, match="none of its .* cached examples fits a "
                                                      "row of 4 tokens"):
@@ -214,10 +228,10 @@ def test_every_example_dropped_fails_naming_the_counts(env):
 
 # ---- training from the cache: data state in the Orbax checkpoint ---------------------------
 
-STEPS = 6
+STEPS = 4
 
 
-def train_cached(model_dir, cache_dir, num_steps, workers=1):
+def train_cached(model_dir, cache_dir, num_steps, workers=0):
     """The tiny LLaMA trained from the cache (16 rows of 32 over the processes)."""
     import jax
 
@@ -251,10 +265,10 @@ def test_training_resumes_bitwise_from_the_checkpointed_data_state(env, tmp_path
     reference, _ = train_cached(str(tmp_path / "ref"), env["cache"], STEPS)
     stop = int(np.random.default_rng().integers(1, STEPS))
     resumed_dir = str(tmp_path / "resumed")
-    train_cached(resumed_dir, env["cache"], stop, workers=0)
+    train_cached(resumed_dir, env["cache"], stop)
     data_dir = os.path.join(resumed_dir, "checkpoints", str(stop), "data")
     assert "process_0-of-1.json" in os.listdir(data_dir), os.listdir(data_dir)
-    resumed, _ = train_cached(resumed_dir, env["cache"], STEPS, workers=2)
+    resumed, _ = train_cached(resumed_dir, env["cache"], STEPS)
     assert _curve(resumed_dir) == _curve(str(tmp_path / "ref")), stop
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                         resumed, reference)
@@ -286,6 +300,9 @@ def test_two_processes_resume_bitwise(env, tmp_path):
     stop = int(np.random.default_rng().integers(1, STEPS))
     child_env = dict(os.environ, JAX_PLATFORMS="cpu",
                      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                     # the three runs of each process compile the same step once
+                     JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                      PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
                                                  os.path.dirname(os.path.dirname(__file__))]))
     workers = [subprocess.Popen([sys.executable, __file__, "train", env["cache"], str(tmp_path),
@@ -306,9 +323,9 @@ def _two_process_main(cache_dir, root, port, process_id, stop):
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    train_cached(os.path.join(root, "ref"), cache_dir, STEPS, workers=0)
-    train_cached(os.path.join(root, "resumed"), cache_dir, stop, workers=0)
-    train_cached(os.path.join(root, "resumed"), cache_dir, STEPS, workers=1)
+    train_cached(os.path.join(root, "ref"), cache_dir, STEPS)
+    train_cached(os.path.join(root, "resumed"), cache_dir, stop)
+    train_cached(os.path.join(root, "resumed"), cache_dir, STEPS)
 
 
 if __name__ == "__main__":

@@ -168,22 +168,27 @@ def _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths, wo
     bar = tqdm(total=sum(n or 0 for n in totals.values()) or None, unit="ex",
                disable=not progress, dynamic_ncols=True, desc="caching")
     ctx = multiprocessing.get_context("spawn")
-    reports = ctx.Manager().Queue()
-    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                  initargs=(list(gin_files), list(gin_bindings), list(gin_search_paths),
-                            reports)) as pool:
-        pending = [pool.apply_async(_build_task, (t, split, out)) for t in todo]
-        try:
-            while pending:
-                _drain(reports, bar)
-                for job in [j for j in pending if j.ready()]:
-                    pending.remove(job)
-                    task, examples, tokens = job.get()  # a worker's error is raised here
-                    log.info("cached %s: %d examples, %d tokens", task, examples, tokens)
-                time.sleep(0.05)
-        finally:
+    with ctx.Manager() as manager:
+        reports = manager.Queue()
+        initargs = (list(gin_files), list(gin_bindings), list(gin_search_paths), reports)
+        with ctx.Pool(min(workers, len(todo)), _init_worker, initargs) as pool:
+            _wait(pool, todo, split, out, reports, bar)
+
+
+def _wait(pool, todo, split, out, reports, bar):
+    """Starts every task on the pool; raises the first worker error; updates the bar."""
+    pending = [pool.apply_async(_build_task, (t, split, out)) for t in todo]
+    try:
+        while pending:
             _drain(reports, bar)
-            bar.close()
+            for job in [j for j in pending if j.ready()]:
+                pending.remove(job)
+                task, examples, tokens = job.get()  # a worker's error is raised here
+                log.info("cached %s: %d examples, %d tokens", task, examples, tokens)
+            time.sleep(0.05)
+    finally:
+        _drain(reports, bar)
+        bar.close()
 
 
 def _drain(reports, bar):
