@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_packing.py
 	$(PY) benchmarks/bench_decoding.py
+	$(PY) benchmarks/bench_lm_eval.py
 	$(PY) benchmarks/bench_attention.py --smoke
 
 clean:
