@@ -19,8 +19,8 @@ lm-eval's own Hugging Face model (`--model hf`) request by request:
 
 Requests are sorted by length and run in batches of `batch_size` rows (a last
 short batch padded to a power of two) and the decoder's length buckets, so few
-shapes compile. An empty continuation
-scores 0.0 and counts as greedy (HFLM refuses it).
+shapes compile. An empty continuation scores 0.0 and counts as greedy (HFLM
+refuses it).
 
 It opens a training MODEL_DIR (latest step, or `step`), a converted checkpoint
 folder, or a Hugging Face LLaMA folder (converted in memory).
@@ -263,8 +263,9 @@ class MtllamaLM(TemplateLM):
             encoded = {i: self.tok_encode(requests[i].args[0]) for i in indices}
             indices.sort(key=lambda i: -len(encoded[i]))
             for n, chunk in enumerate(self._chunks(indices)):
+                rows = chunk + [chunk[-1]] * (self._rows(len(chunk)) - len(chunk))
                 gens = self.decoder.generate(
-                    self.params, [encoded[i] for i in chunk], max_new_tokens=max_new,
+                    self.params, [encoded[i] for i in rows], max_new_tokens=max_new,
                     sampling=sampling, stop_token_ids=[self.eot_token_id],
                     stop_strings=until, detokenize=self.tok_decode,
                     rng=jax.random.fold_in(jax.random.key(self.seed), n))
