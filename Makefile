@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_packing.py
 	$(PY) benchmarks/bench_data_cache.py
 	$(PY) benchmarks/bench_decoding.py
+	$(PY) benchmarks/bench_lm_eval.py
 	$(PY) benchmarks/bench_attention.py --smoke
 
 clean:

@@ -17,9 +17,10 @@ lm-eval's own Hugging Face model (`--model hf`) request by request:
 * generation stops at EOS, or at any `until` string (EOS's text included),
   found in the decoded text, so a stop string may span tokens.
 
-Requests are sorted by length and run in batches of `batch_size` rows padded
-to the decoder's length buckets, so few shapes compile. An empty continuation
-scores 0.0 and counts as greedy (HFLM refuses it).
+Requests are sorted by length and run in batches of `batch_size` rows (a last
+short batch padded to a power of two) and the decoder's length buckets, so few
+shapes compile. An empty continuation scores 0.0 and counts as greedy (HFLM
+refuses it).
 
 It opens a training MODEL_DIR (latest step, or `step`), a converted checkpoint
 folder, or a Hugging Face LLaMA folder (converted in memory).
@@ -34,7 +35,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -217,7 +217,7 @@ class MtllamaLM(TemplateLM):
         todo.sort(key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         truncated = 0
         for chunk in tqdm(list(self._chunks(todo)), desc="loglikelihood", disable=disable_tqdm):
-            rows = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one shape per bucket
+            rows = chunk + [chunk[-1]] * (self._rows(len(chunk)) - len(chunk))
             sums, greedy, cut = self.decoder.loglikelihoods(
                 self.params, [requests[i][1] for i in rows], [requests[i][2] for i in rows])
             for k, i in enumerate(chunk):
@@ -263,8 +263,9 @@ class MtllamaLM(TemplateLM):
             encoded = {i: self.tok_encode(requests[i].args[0]) for i in indices}
             indices.sort(key=lambda i: -len(encoded[i]))
             for n, chunk in enumerate(self._chunks(indices)):
+                rows = chunk + [chunk[-1]] * (self._rows(len(chunk)) - len(chunk))
                 gens = self.decoder.generate(
-                    self.params, [encoded[i] for i in chunk], max_new_tokens=max_new,
+                    self.params, [encoded[i] for i in rows], max_new_tokens=max_new,
                     sampling=sampling, stop_token_ids=[self.eot_token_id],
                     stop_strings=until, detokenize=self.tok_decode,
                     rng=jax.random.fold_in(jax.random.key(self.seed), n))
@@ -278,6 +279,10 @@ class MtllamaLM(TemplateLM):
     def _chunks(self, items):
         for start in range(0, len(items), self.batch_size):
             yield items[start:start + self.batch_size]
+
+    def _rows(self, n: int) -> int:
+        """Rows to pad a chunk of n to: a power of two, or the batch size (few shapes)."""
+        return min(self.batch_size, 1 << (n - 1).bit_length())
 
 
 def _sampling(kwargs: dict) -> decoding.Sampling:
