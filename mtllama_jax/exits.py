@@ -1,0 +1,57 @@
+"""Exit codes of the jobs, and the one error handler every entry point's `main()` uses.
+
+A user's mistake (a missing file, a bad flag value, a full disk) ends as one
+line, `prog: error: <message>`, and exit code 2, never a traceback. Each other
+way a job can end has its own code, so a scheduler can tell them apart:
+
+    0    finished
+    2    error: the message names the file, field or flag and the fix
+    3    training stopped on non-finite losses (train.nonfinite='stop', or more
+         skipped steps than train.max_consecutive_skips / max_skipped_fraction)
+    4    training preempted by SIGTERM/SIGINT; the current step is saved, rerun to continue
+    5    evaluation: every requested set was skipped (no data found)
+    6    MODEL_DIR is held by another run (its host and pid are named)
+    130  interrupted (Ctrl-C outside a training loop)
+    141  the output pipe was closed (as any Unix tool)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+OK = 0
+ERROR = 2
+NONFINITE = 3
+PREEMPTED = 4
+ALL_SKIPPED = 5
+MODEL_DIR_BUSY = 6
+INTERRUPTED = 130
+BROKEN_PIPE = 141
+
+
+class ModelDirBusy(RuntimeError):
+    """Another run holds MODEL_DIR's lock (exit code MODEL_DIR_BUSY)."""
+
+
+def run_main(prog: str, job: Callable[[], int | None]) -> int:
+    """Runs `job()`; a user's error is printed as `prog: error: ...` and returns its exit code."""
+    try:
+        return job() or OK
+    except ModelDirBusy as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return MODEL_DIR_BUSY
+    except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ENOSPC ...
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _message(error: BaseException) -> str:
+    """The error's own text; an OSError without a file name also gets its errno text."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.errno == 28 and "disk" not in text.lower():
+        text += " (the disk is full: free space or choose another folder)"
+    return text
