@@ -18,6 +18,8 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
+import time
 from typing import Iterator, Sequence
 
 import jax
@@ -49,9 +51,11 @@ def save_params(folder, params, config: LlamaConfig, *, tokenizer_files: Sequenc
 def write_contents(folder, params, config: LlamaConfig, tokenizer_files: Sequence[str] = ()):
     """Writes a checkpoint folder's files into an existing (staging) folder."""
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(os.path.abspath(folder), PARAMS), params)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+        ckptr.save(os.path.join(os.path.abspath(folder), PARAMS), params)
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()  # its threads stop writing before a failed folder is removed
     if jax.process_index() == 0:
         write_config(folder, config)
         for src in tokenizer_files:
@@ -62,6 +66,27 @@ def write_config(folder, config: LlamaConfig) -> None:
     hf = dict(config.to_hf(), mtllama_jax={k: getattr(config, k) for k in _OWN_FIELDS})
     with open(os.path.join(folder, CONFIG), "w") as f:
         f.write(json.dumps(hf, indent=2) + "\n")
+
+
+def check_writable(folder, *, overwrite: bool = False) -> None:
+    """Refuses, before any work, an output folder that exists or whose parent is not writable."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(
+            f"output folder {folder} already exists; pass --overwrite (overwrite=True) to "
+            "replace it, or choose another folder"
+        )
+    parent = os.path.dirname(folder)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"{parent} is a file, not a folder; choose another output "
+                                 "folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write into {parent} ({e.strerror}); choose an output "
+                      "folder you can write to") from None
 
 
 @contextlib.contextmanager
@@ -90,7 +115,7 @@ def staged(folder, *, overwrite: bool = False) -> Iterator[str]:
         _sync("staged:written")
     except BaseException:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_settled(tmp)
         raise
     if primary:
         old = os.path.join(parent, f".{name}.old")
@@ -100,6 +125,17 @@ def staged(folder, *, overwrite: bool = False) -> Iterator[str]:
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     _sync("staged:renamed")
+
+
+def _remove_settled(folder: str, timeout_s: float = 10.0) -> None:
+    """Removes `folder` until it stays removed: after a failed save, TensorStore's writer
+    threads may still create files in it for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.2)
+        if not os.path.exists(folder) or time.monotonic() > deadline:
+            return
 
 
 def _sync(name: str) -> None:

@@ -17,6 +17,8 @@ way a job can end has its own code, so a scheduler can tell them apart:
 
 from __future__ import annotations
 
+import errno
+import logging
 import sys
 from typing import Callable
 
@@ -34,8 +36,23 @@ class ModelDirBusy(RuntimeError):
     """Another run holds MODEL_DIR's lock (exit code MODEL_DIR_BUSY)."""
 
 
+class _BackgroundSaveErrors(logging.Filter):
+    """Drops Orbax's logs of a failed background save (a traceback per thread, hundreds of
+    lines on a full disk): the same error reaches `run_main`, which prints it once."""
+
+    SOURCES = ("futures/future.py", "checkpointers/async_checkpointer.py")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return not (record.levelno >= logging.ERROR and "orbax/checkpoint" in path
+                    and path.endswith(self.SOURCES))
+
+
 def run_main(prog: str, job: Callable[[], int | None]) -> int:
     """Runs `job()`; a user's error is printed as `prog: error: ...` and returns its exit code."""
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _BackgroundSaveErrors) for f in absl.filters):
+        absl.addFilter(_BackgroundSaveErrors())
     try:
         return job() or OK
     except ModelDirBusy as e:
@@ -50,8 +67,10 @@ def run_main(prog: str, job: Callable[[], int | None]) -> int:
 
 
 def _message(error: BaseException) -> str:
-    """The error's own text; an OSError without a file name also gets its errno text."""
+    """The error's own text; a full disk (errno 28, however wrapped) is said so first."""
     text = str(error) or type(error).__name__
-    if isinstance(error, OSError) and error.errno == 28 and "disk" not in text.lower():
-        text += " (the disk is full: free space or choose another folder)"
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        "No space left on device" in text)
+    if full:
+        text = f"the disk is full: free space or choose another folder ({text})"
     return text
