@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.config import LlamaConfig, read_config_json
 
 PARAMS = "params"
 CONFIG = "config.json"
@@ -77,8 +77,11 @@ def check_writable(folder, *, overwrite: bool = False) -> None:
             "replace it, or choose another folder"
         )
     parent = os.path.dirname(folder)
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise NotADirectoryError(f"{parent} is a file, not a folder; choose another output "
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{existing} is a file, not a folder; choose another output "
                                  "folder")
     try:
         os.makedirs(parent, exist_ok=True)
@@ -155,9 +158,7 @@ def load_config(folder) -> LlamaConfig:
             f"Face config); copy it from the model the weights came from, or "
             + _CONVERT_HINT.format(folder)
         )
-    with open(path) as f:
-        hf = json.load(f)
-    return LlamaConfig.from_hf(hf, **hf.get("mtllama_jax", {}))
+    return LlamaConfig.from_hf(path, **read_config_json(path).get("mtllama_jax", {}))
 
 
 def tokenizer_path(folder) -> str:

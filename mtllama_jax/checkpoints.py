@@ -346,6 +346,43 @@ def _rest(state: TrainState) -> dict:
             "skipped": state.skipped}
 
 
+def restore_intact_params(model_dir: str, target, step: int | None = None):
+    """(step, params) of a training MODEL_DIR: `step`, or the newest intact one.
+
+    For readers (eval, chat): each step is checked against its manifest and for
+    finite params; a damaged latest step is skipped with a warning naming it
+    (nothing is moved), a damaged requested step is an error naming it.
+    """
+    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True))
+    steps = sorted(manager.all_steps(), reverse=True)
+    manager.close()
+    if step is not None:
+        steps = [step]
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished step; train longer or point "
+                                "at a converted checkpoint folder")
+    problems = []
+    for candidate in steps:
+        try:
+            verify_step(directory, candidate)
+            try:
+                params = restore_params(model_dir, candidate, target)
+            except Exception as e:  # Orbax and TensorStore raise many kinds
+                raise ValueError(f"unreadable ({_first_line(e)})") from None
+            check_finite(params, f"{directory}/{candidate}/params")
+        except ValueError as e:
+            problems.append(f"step {candidate}: {e}")
+            if step is None:
+                print(f"warning: checkpoint step {candidate} of {model_dir} is damaged ({e}); "
+                      "trying the step before it", file=sys.stderr)
+            continue
+        return candidate, params
+    raise ValueError(f"no intact checkpoint in {directory}:\n  " + "\n  ".join(problems)
+                     + "\nCopy the step again from a backup, or pick another with `step`.")
+
+
 def restore_params(model_dir: str, step: int, target):
     """Only the params of a training checkpoint, onto `target`'s shardings."""
     manager = ocp.CheckpointManager(

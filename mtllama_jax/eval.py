@@ -26,8 +26,8 @@ from typing import Sequence
 import gin
 import jax
 
-from mtllama_jax import evaluation, reports
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax import evaluation, exits, reports
+from mtllama_jax.config import LlamaConfig, read_config_json
 
 REQUIRED_FILES = {
     "config.json": "the model's Hugging Face config (written by mtllama-train and mtllama-convert)",
@@ -51,10 +51,8 @@ def check_checkpoint_folder(folder: str) -> None:
 def load_config(folder: str) -> LlamaConfig:
     """The LlamaConfig of a checkpoint folder (HF fields plus this project's own)."""
     path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        hf = json.load(f)
-    own = hf.get("mtllama_jax", {})
-    return LlamaConfig.from_hf(hf, **own)
+    own = read_config_json(path).get("mtllama_jax", {})
+    return LlamaConfig.from_hf(path, **own)
 
 
 def open_checkpoint(folder: str, mesh, rules, step: int | None = None):
@@ -67,21 +65,11 @@ def open_checkpoint(folder: str, mesh, rules, step: int | None = None):
     config = load_config(folder)
     shardings = partitioning.param_shardings(config, mesh, rules)
     if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
-        import orbax.checkpoint as ocp
-
-        manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(folder), "checkpoints"),
-            options=ocp.CheckpointManagerOptions(read_only=True),
-        )
-        latest = manager.latest_step()
-        manager.close()
-        if latest is None:
-            raise FileNotFoundError(f"{folder}/checkpoints holds no finished step to evaluate")
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             nn.unbox(partitioning.abstract_params(config)), shardings,
         )
-        params = checkpoints.restore_params(folder, latest if step is None else step, target)
+        _, params = checkpoints.restore_intact_params(folder, target, step)
     else:
         from mtllama_jax import checkpoint_folder
 
@@ -128,8 +116,14 @@ def evaluate_checkpoint(
       fail_on_missing: a task whose data is not on disk is an error instead of skipped.
       keep_predictions: store each example's output, picks and log-likelihoods.
     """
+    from mtllama_jax import checkpoint_folder
+    from mtllama_jax.gin_configurables import check_argument_types
     from mtllama_jax.train import mesh
 
+    check_argument_types("evaluate_checkpoint", evaluate_checkpoint, locals())
+    if jax.process_index() == 0:  # before the evaluation, not after it
+        checkpoint_folder.check_writable(os.path.join(output_dir, "results.json"),
+                                         overwrite=True)
     mesh_, rules = mesh()
     config, params, tokenizer = open_checkpoint(checkpoint, mesh_, rules, step)
     options = evaluation.EvalOptions(
@@ -201,15 +195,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
-    parse_gin(args.gin_file, args.gin_bindings,
-              [p for p in args.gin_search_paths.split(",") if p])
-    try:
-        results = evaluate_checkpoint()
-    except (FileNotFoundError, evaluation.MissingData) as e:
-        print(f"mtllama-eval: {e}", file=sys.stderr)
-        return 2
-    print(reports.markdown_report({results["label"]: results}))
-    return 0
+    def job():
+        parse_gin(args.gin_file, args.gin_bindings,
+                  [p for p in args.gin_search_paths.split(",") if p])
+        try:
+            results = evaluate_checkpoint()
+        except evaluation.MissingData as e:  # fail_on_missing
+            raise ValueError(str(e)) from None
+        print(reports.markdown_report({results["label"]: results}))
+        if results["skipped"] and not results["tasks"]:
+            print(f"mtllama-eval: every set was skipped (no data found): "
+                  f"{sorted(results['skipped'])}; see the reasons in results.json",
+                  file=sys.stderr)
+            return exits.ALL_SKIPPED
+        return exits.OK
+
+    return exits.run_main("mtllama-eval", job)
 
 
 if __name__ == "__main__":

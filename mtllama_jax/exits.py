@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 import sys
 from typing import Callable
 
@@ -55,6 +57,10 @@ def run_main(prog: str, job: Callable[[], int | None]) -> int:
         absl.addFilter(_BackgroundSaveErrors())
     try:
         return job() or OK
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail too
+        return BROKEN_PIPE
     except ModelDirBusy as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return MODEL_DIR_BUSY
@@ -69,6 +75,8 @@ def run_main(prog: str, job: Callable[[], int | None]) -> int:
 def _message(error: BaseException) -> str:
     """The error's own text; a full disk (errno 28, however wrapped) is said so first."""
     text = str(error) or type(error).__name__
+    # gin appends where it called from; the message already names the binding or file.
+    text = re.sub(r"\n\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)
     full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
         "No space left on device" in text)
     if full:
