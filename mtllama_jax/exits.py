@@ -39,15 +39,13 @@ class ModelDirBusy(RuntimeError):
 
 
 class _BackgroundSaveErrors(logging.Filter):
-    """Drops Orbax's logs of a failed background save (a traceback per thread, hundreds of
-    lines on a full disk): the same error reaches `run_main`, which prints it once."""
-
-    SOURCES = ("futures/future.py", "checkpointers/async_checkpointer.py")
+    """Drops Orbax's tracebacks of a failed background save (one per thread, hundreds of
+    lines on a full disk): Orbax raises the same error, and `run_main` prints it once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
-        return not (record.levelno >= logging.ERROR and "orbax/checkpoint" in path
-                    and path.endswith(self.SOURCES))
+        return not (record.levelno >= logging.ERROR and record.exc_info
+                    and "orbax/checkpoint" in path)
 
 
 def run_main(prog: str, job: Callable[[], int | None]) -> int:

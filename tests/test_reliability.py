@@ -234,3 +234,20 @@ def test_a_bf16_init_checkpoint_trains_with_the_configs_float32_master_weights(t
     checkpoint_folder.save_params(tmp_path / "init", bf16, CONFIG.replace(param_dtype="bfloat16"))
     state, _ = run_small(tmp_path / "run", num_steps=1, init_checkpoint=str(tmp_path / "init"))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_during_a_checkpoint_save_ends_in_one_message(tmp_path, capsys, caplog):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code = exits.run_main("mtllama-train", lambda: run_small(small / "run", num_steps=2))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+    assert code == exits.ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mtllama-train: error: the disk is full"), err[-3:]
+    assert not [line for line in err if line.startswith("Traceback")]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
