@@ -7,13 +7,17 @@ A MODEL_DIR holds:
     config.gin                the operative gin config of the latest start
     checkpoints/<step>/params the params pytree (Orbax), restorable on its own
     checkpoints/<step>/state  step, optimizer state, PRNG key, skipped-step count
+    checkpoints/<step>/manifest.json  sha256 and size of the step's files
+    corrupt_checkpoints/      steps found damaged on restore, moved aside
 
 Saves are asynchronous, every N steps and/or every M minutes (Orbax's
-save-decision policies, which agree across hosts), keeping the last K.
+save-decision policies, which agree across hosts), keeping the last K and the
+newest step whose last loss was finite (Orbax preservation policies).
 Orbax writes a step into a temporary folder and renames it when every process
-has finished, so a step killed half-way is never listed, never restored.
-Restoring reads onto the *current* mesh's shardings, so a run saved on one mesh
-continues on another.
+has finished, so a step killed half-way is never listed, never restored; a
+committed step then gets its manifest, checked (with a finite check of the
+params) before it is restored. Restoring reads onto the *current* mesh's
+shardings, so a run saved on one mesh continues on another.
 """
 
 from __future__ import annotations

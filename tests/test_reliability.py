@@ -251,3 +251,15 @@ def test_a_full_disk_during_a_checkpoint_save_ends_in_one_message(tmp_path, caps
     assert err[-1].startswith("mtllama-train: error: the disk is full"), err[-3:]
     assert not [line for line in err if line.startswith("Traceback")]
     assert not [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+
+
+def test_an_init_checkpoint_of_another_model_names_init_checkpoint_and_its_fix(tmp_path):
+    other = CONFIG.replace(hidden_size=32, head_dim=8)
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
+                         nn.unbox(partitioning.abstract_params(other)))
+    checkpoint_folder.save_params(tmp_path / "init", zeros, other)
+    with pytest.raises(ValueError) as err:
+        run_small(tmp_path / "run", num_steps=1, init_checkpoint=str(tmp_path / "init"))
+    message = str(err.value)
+    assert "hidden_size: INIT_CHECKPOINT has 32, this run has 64" in message
+    assert "that matches INIT_CHECKPOINT" in message and "Point MODEL_DIR" not in message
