@@ -247,9 +247,9 @@ def train(
       z_loss: weight of the log(Z)^2 penalty (0 turns it off).
       nonfinite: on a NaN/Inf loss or gradient, "skip" the step (counted) or "stop"
         after saving the last good state.
-      max_consecutive_skips / max_skipped_fraction: under "skip", more skipped steps in a
-        row, or a larger fraction of the run's steps (judged from its 20th step), stops
-        the run as "stop" does (exit code 3); None turns a bound off.
+      max_consecutive_skips / max_skipped_fraction: under "skip", this many skipped steps
+        in a row, or more than this fraction of the run's steps (judged from its 20th
+        step), stop the run as "stop" does (exit code 3); None turns a bound off.
       checkpoint_every_steps / checkpoint_every_minutes / keep_checkpoints: async save
         policy (either trigger saves) and how many checkpoints to keep (None: all).
       log_every_steps: train metrics period.

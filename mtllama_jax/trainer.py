@@ -301,9 +301,9 @@ def train_loop(
     validation (`validation()` batches) / `eval_hook(params, step)` results
     every `eval_every` steps. `waiting()` wraps each wait for data (a signal
     there raises `checkpoints.Preempted`: the run saves and ends at once).
-    Under nonfinite="skip", more than `max_consecutive_skips` skipped steps in a
-    row, or a `max_skipped_fraction` of this run's steps (counted from its 20th),
-    ends it as "stop" would. Ends with "done", "preempted" or "nonfinite".
+    Under nonfinite="skip", `max_consecutive_skips` skipped steps in a row, or
+    more than a `max_skipped_fraction` of this run's steps (judged from its
+    20th), end it as "stop" would. Ends with "done", "preempted" or "nonfinite".
     """
     step = int(jax.device_get(state.step))
     stop_each_step = trainer.nonfinite == "stop"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import flax.linen as nn
@@ -195,6 +196,8 @@ def test_a_second_run_on_a_locked_model_dir_is_refused_naming_the_holder(tmp_pat
          f"with run_lock.ModelDirLock({str(tmp_path)!r}):\n"
          "    print('locked', flush=True); sys.stdin.readline()"],
         env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = threading.Timer(120, holder.kill)  # bounds the readline below
+    deadline.start()
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(exits.ModelDirBusy) as err:
@@ -204,6 +207,7 @@ def test_a_second_run_on_a_locked_model_dir_is_refused_naming_the_holder(tmp_pat
         assert exits.run_main("mtllama-train", lambda: run_small(tmp_path)) == exits.MODEL_DIR_BUSY
     finally:
         holder.communicate("\n", timeout=60)
+        deadline.cancel()
     with run_lock.ModelDirLock(str(tmp_path)):  # released when the holder ended
         pass
 
