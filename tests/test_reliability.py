@@ -246,8 +246,20 @@ def test_a_full_disk_during_a_checkpoint_save_ends_in_one_message(tmp_path, caps
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
+    w = jax.random.normal(jax.random.key(0), (300_000,))  # random: OCDBT cannot compress it
+    state = train_state.create({"w": w}, optim.make_optimizer(1e-3), jax.random.key(0))
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + w if x.shape == w.shape else x,
+                                                 state.opt_state))  # 3.6 MB in all
+
+    def save():
+        ckpt = checkpoints.TrainCheckpoints(str(small / "run"))
+        try:
+            ckpt.save(1, state)  # asynchronous: the error comes from the background threads
+        finally:
+            ckpt.close()
+
     try:
-        code = exits.run_main("mtllama-train", lambda: run_small(small / "run", num_steps=2))
+        code = exits.run_main("mtllama-train", save)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=True)
     assert code == exits.ERROR
