@@ -21,7 +21,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
-from mtllama_jax import launch
+from mtllama_jax import exits, launch
 from mtllama_jax.convert import delta, manifest, orbax_hf
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -52,8 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int,
                    help="append zero rows to the embedding and LM head up to this size "
                         "(32001: MT-LLaMA's [PAD] on LLaMA's 32000)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="convert a folder without tokenizer.model (eval and chat need one)")
     p = command("jax-to-hf", "checkpoint folder or training MODEL_DIR -> HF folder",
                 ckpt="checkpoint folder, or MODEL_DIR (its latest step)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip verifying --ckpt against its manifest (checked by default)")
     p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default 5GB)")
     for name, other in (("apply-delta", "delta"), ("make-delta", "target")):
@@ -70,6 +74,17 @@ def _check_inputs(*folders) -> None:
     for folder in folders:
         if os.path.exists(os.path.join(folder, manifest.NAME)):
             manifest.check(folder)
+
+
+def _check_checkpoint(folder) -> None:
+    """A converted folder against its manifest.json, a MODEL_DIR's latest step against its own."""
+    from mtllama_jax import checkpoint_folder, checkpoints
+
+    _check_inputs(folder)
+    params = checkpoint_folder.params_dir(folder)
+    step_dir = os.path.dirname(params)
+    if os.path.basename(os.path.dirname(step_dir)) == "checkpoints":  # a training MODEL_DIR
+        checkpoints.verify_step(os.path.dirname(step_dir), int(os.path.basename(step_dir)))
 
 
 def run(args) -> str:
@@ -92,9 +107,12 @@ def run(args) -> str:
             rules = partitioning.logical_axis_rules(args.rules)
         action = functools.partial(orbax_hf.hf_to_jax, args.hf, args.out, dtype=dtype,
                                    mesh=mesh, rules=rules, overwrite=args.overwrite,
-                                   vocab_size=args.vocab_size)
+                                   vocab_size=args.vocab_size,
+                                   allow_no_tokenizer=args.no_tokenizer)
     elif args.command == "jax-to-hf":
         inputs = [args.ckpt]
+        if not args.no_check:
+            _check_checkpoint(args.ckpt)
         action = functools.partial(orbax_hf.jax_to_hf, args.ckpt, args.out, dtype=dtype,
                                    max_shard_size=args.max_shard_size,
                                    overwrite=args.overwrite)
@@ -113,13 +131,11 @@ def run(args) -> str:
 
 
 def main(argv=None) -> None:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     launch.configure_logs(args.verbose, uses_tensorflow=False)
-    try:
-        print(run(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        parser.exit(2, f"mtllama-convert {args.command}: error: {e}\n")
+    code = exits.run_main(f"mtllama-convert {args.command}", lambda: print(run(args)))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

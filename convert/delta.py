@@ -88,8 +88,10 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def _stream(base, other, out, op, max_shard_size, overwrite, role: str) -> None:
     """out = op(base16 resized, other16) tensor by tensor, with `other`'s config and tokenizer."""
     base, other = os.fspath(base), os.fspath(other)
+    checkpoint_folder.check_writable(out, overwrite=overwrite)
     base_config, config = LlamaConfig.from_hf(base), LlamaConfig.from_hf(other)
     base_tokenizer = _base_tokenizer_for(base, other, role)  # checked before any work
+    _check_same_architecture(base, base_config, other, config, role)
     if config.vocab_size not in (base_config.vocab_size, base_config.vocab_size + 1):
         raise ValueError(
             f"{role} {other} has vocab_size {config.vocab_size} but base {base} has "
@@ -164,6 +166,24 @@ def _base_tokenizer_for(base: str, other: str, role: str) -> str | None:
           f"FastChat 0.2 saves under transformers 5): took {taken}, whose {len(pieces)} pieces "
           f"are tokenizer.json's{extra}", file=sys.stderr)
     return taken
+# The config fields that fix the tensors' number and shapes (the vocabulary is checked apart).
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                 "head_dim", "tie_word_embeddings")
+
+
+def _check_same_architecture(base, base_config, other, config, role: str) -> None:
+    """Refuses a base and delta/target that differ in any shape field, in either direction.
+
+    Only the other's tensors are streamed, so a base deeper or wider than them
+    would otherwise be silently cut.
+    """
+    differ = [f"{k}: base {getattr(base_config, k)!r}, {role} {getattr(config, k)!r}"
+              for k in _SHAPE_FIELDS if getattr(base_config, k) != getattr(config, k)]
+    if differ:
+        raise ValueError(
+            f"base {base} and {role} {other} are different architectures ("
+            + "; ".join(differ) + f"); use the base model the {role} was made from"
+        )
 
 
 def _resized(shape, name: str, vocab: int) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 from typing import Iterable, Iterator
 
 import ml_dtypes
@@ -143,15 +144,30 @@ def _weight_files(folder: str) -> list[str]:
 
 
 def _load_bin(path: str) -> dict:
+    """A .bin's tensors: zip files memory-mapped, legacy (pre-1.6) ones read whole; never code."""
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Only the zip format can be memory-mapped; weights_only=True holds for both.
+        return torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise _damaged_bin(path, e) from None
         raise ValueError(
             f"{path} was refused: its pickle holds more than tensors (loading it could run "
             f"code). Convert it to safetensors with a tool you trust. ({str(e)[:200]})"
         ) from None
+    except Exception as e:  # a damaged file fails in torch, zip or the unpickler, in any way
+        raise _damaged_bin(path, e) from None
+
+
+def _damaged_bin(path: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"{path} cannot be read as a PyTorch weights file ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:200] if str(error) else ''}); it is probably "
+        "truncated or damaged: download or copy it again"
+    )
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:

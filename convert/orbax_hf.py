@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -26,15 +27,27 @@ VOCAB_AXES = {("embed", "embedding"): 0, ("lm_head", "kernel"): 1}
 
 
 def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None,
-              vocab_size=None) -> None:
+              vocab_size=None, allow_no_tokenizer=False) -> None:
     """Converts an HF folder to a checkpoint folder (config.json, tokenizer, params/).
 
     `vocab_size` larger than the folder's appends zero rows to the embedding and
     the LM head: LLaMA's 32000 -> MT-LLaMA's 32001 for `[PAD]`, the zero row the
-    published delta is relative to (`[PAD]` is never a training target).
+    published delta is relative to (`[PAD]` is never a training target). A folder
+    without tokenizer.model is refused unless `allow_no_tokenizer` (then warned).
     """
     hf_dir = os.fspath(hf_dir)
+    checkpoint_folder.check_writable(out, overwrite=overwrite)
     config = LlamaConfig.from_hf(hf_dir)
+    if not os.path.exists(os.path.join(hf_dir, checkpoint_folder.TOKENIZER)):
+        if not allow_no_tokenizer:
+            raise FileNotFoundError(
+                f"{hf_dir} has no tokenizer.model (the SentencePiece model mtllama-eval, "
+                "mtllama-chat and training read); copy it into the folder, or pass "
+                "--no-tokenizer to convert the weights alone"
+                + (" (this folder's tokenizer.json is copied, but not read by them)"
+                   if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else ""))
+        print(f"hf-to-jax: warning: {hf_dir} has no tokenizer.model; the output cannot be "
+              "evaluated or chatted with until one is copied into it", file=sys.stderr)
     weights = hf_files.HFWeights(hf_dir)
     hf_params.check_hf_names(weights.names(), config, hf_dir)
     mappings = hf_params.tensor_mappings(config)  # the folder's tensors, as stored
@@ -86,6 +99,7 @@ def _zero_rows(value: np.ndarray, axis: int, size: int) -> np.ndarray:
 def jax_to_hf(ckpt, out, *, dtype=None, max_shard_size="5GB", overwrite=False) -> None:
     """Converts a checkpoint folder or training MODEL_DIR (latest step) to an HF folder."""
     ckpt = os.fspath(ckpt)
+    checkpoint_folder.check_writable(out, overwrite=overwrite)
     config = checkpoint_folder.load_config(ckpt)
     stored = hf_params.flatten(checkpoint_folder.params_metadata(ckpt))
     expected = hf_params.param_shapes(config)

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import jax
 
-from mtllama_jax import decoding, launch, partitioning
+from mtllama_jax import decoding, exits, launch, partitioning
 from mtllama_jax.config import COMPUTE_DTYPES
 
 
@@ -152,26 +152,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        conversation = Conversation(args.wrapper)
-        chat = Chat(args.checkpoint, mesh=args.mesh, rules=args.rules,
-                    mtllama_quirks=args.mtllama_quirks, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mtllama-chat: {e}", file=sys.stderr)
-        return 2
+    if args.prompt is None and sys.stdin is None:
+        print("mtllama-chat: error: stdin is closed; give the message with --prompt",
+              file=sys.stderr)
+        return exits.ERROR
+    return exits.run_main("mtllama-chat", lambda: _session(args))
+
+
+def _session(args) -> int:
+    """Loads the checkpoint, then answers --prompt or each line of stdin."""
+    conversation = Conversation(args.wrapper)
+    chat = Chat(args.checkpoint, mesh=args.mesh, rules=args.rules,
+                mtllama_quirks=args.mtllama_quirks, dtype=args.dtype)
     rng = jax.random.key(args.seed)
     if args.prompt is not None:
         chat.reply(conversation.prompt(args.prompt), args.sampling, args.max_new_tokens,
                    conversation.stop_strings, rng)
-        return 0
+        return exits.OK
     interactive = sys.stdin.isatty()
     turn = 0
     while True:
         if interactive:
             print("Human: ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":
-            return 0
+        line = read_line(sys.stdin)
+        if line is None or line.strip() == "/quit":
+            return exits.OK
         message = line.rstrip("\n")
         if message.strip() == "/reset":
             conversation.reset()
@@ -184,6 +189,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         reply = chat.reply(conversation.prompt(message), args.sampling, args.max_new_tokens,
                            conversation.stop_strings, jax.random.fold_in(rng, turn))
         conversation.add(message, reply)
+
+
+def read_line(stream) -> str | None:
+    """The next line of `stream` (None at its end); a line that is not UTF-8 is replaced
+    by an empty one, with a notice, so the conversation goes on."""
+    raw = stream.buffer.readline() if hasattr(stream, "buffer") else stream.readline()
+    if not raw:
+        return None
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        print(f"[that line is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+              "it was skipped, the conversation goes on]", file=sys.stderr)
+        return "\n"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
+import time
 from typing import Iterator, Sequence
 
 import jax
@@ -25,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.config import LlamaConfig, read_config_json
 
 PARAMS = "params"
 CONFIG = "config.json"
@@ -49,9 +51,11 @@ def save_params(folder, params, config: LlamaConfig, *, tokenizer_files: Sequenc
 def write_contents(folder, params, config: LlamaConfig, tokenizer_files: Sequence[str] = ()):
     """Writes a checkpoint folder's files into an existing (staging) folder."""
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(os.path.abspath(folder), PARAMS), params)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+        ckptr.save(os.path.join(os.path.abspath(folder), PARAMS), params)
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()  # its threads stop writing before a failed folder is removed
     if jax.process_index() == 0:
         write_config(folder, config)
         for src in tokenizer_files:
@@ -62,6 +66,30 @@ def write_config(folder, config: LlamaConfig) -> None:
     hf = dict(config.to_hf(), mtllama_jax={k: getattr(config, k) for k in _OWN_FIELDS})
     with open(os.path.join(folder, CONFIG), "w") as f:
         f.write(json.dumps(hf, indent=2) + "\n")
+
+
+def check_writable(folder, *, overwrite: bool = False) -> None:
+    """Refuses, before any work, an output folder that exists or whose parent is not writable."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(
+            f"output folder {folder} already exists; pass --overwrite (overwrite=True) to "
+            "replace it, or choose another folder"
+        )
+    parent = os.path.dirname(folder)
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{existing} is a file, not a folder; choose another output "
+                                 "folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write into {parent} ({e.strerror}); choose an output "
+                      "folder you can write to") from None
 
 
 @contextlib.contextmanager
@@ -90,7 +118,7 @@ def staged(folder, *, overwrite: bool = False) -> Iterator[str]:
         _sync("staged:written")
     except BaseException:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_settled(tmp)
         raise
     if primary:
         old = os.path.join(parent, f".{name}.old")
@@ -100,6 +128,17 @@ def staged(folder, *, overwrite: bool = False) -> Iterator[str]:
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     _sync("staged:renamed")
+
+
+def _remove_settled(folder: str, timeout_s: float = 10.0) -> None:
+    """Removes `folder` until it stays removed: after a failed save, TensorStore's writer
+    threads may still create files in it for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.2)
+        if not os.path.exists(folder) or time.monotonic() > deadline:
+            return
 
 
 def _sync(name: str) -> None:
@@ -119,9 +158,7 @@ def load_config(folder) -> LlamaConfig:
             f"Face config); copy it from the model the weights came from, or "
             + _CONVERT_HINT.format(folder)
         )
-    with open(path) as f:
-        hf = json.load(f)
-    return LlamaConfig.from_hf(hf, **hf.get("mtllama_jax", {}))
+    return LlamaConfig.from_hf(path, **read_config_json(path).get("mtllama_jax", {}))
 
 
 def tokenizer_path(folder) -> str:
@@ -217,7 +254,17 @@ def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | N
     if dtype is not None:
         config = config.replace(dtype=dtype)
     tokenizer = tokenizer_path(folder)
-    params = load_params(folder, partitioning.param_shardings(config, mesh, rules), step=step)
+    shardings = partitioning.param_shardings(config, mesh, rules)
+    if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
+        from mtllama_jax import checkpoints
+
+        target = jax.tree.map(
+            lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+            params_metadata(folder, step), shardings,
+        )
+        _, params = checkpoints.restore_intact_params(folder, target, step)  # skips damage
+    else:
+        params = load_params(folder, shardings)
     return config, params, tokenizer
 
 

@@ -9,23 +9,32 @@ A MODEL_DIR holds:
     checkpoints/<step>/state  step, optimizer state, PRNG key, skipped-step count
     checkpoints/<step>/data   the data iterator's position, one file per process (when
                               the data source has one: the tokenized cache's pipeline)
+    checkpoints/<step>/manifest.json  sha256 and size of the step's files
+    corrupt_checkpoints/      steps found damaged on restore, moved aside
 
 Saves are asynchronous, every N steps and/or every M minutes (Orbax's
-save-decision policies, which agree across hosts), keeping the last K.
+save-decision policies, which agree across hosts), keeping the last K and the
+newest step whose last loss was finite (Orbax preservation policies).
 Orbax writes a step into a temporary folder and renames it when every process
-has finished, so a step killed half-way is never listed, never restored.
-Restoring reads onto the *current* mesh's shardings, so a run saved on one mesh
-continues on another.
+has finished, so a step killed half-way is never listed, never restored; a
+committed step then gets its manifest, checked (with a finite check of the
+params) before it is restored. Restoring reads onto the *current* mesh's
+shardings, so a run saved on one mesh continues on another.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
 import signal
+import sys
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -34,7 +43,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mtllama_jax import atomic
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.config import LlamaConfig, read_config_json
 from mtllama_jax.train_state import TrainState
 
 TOKENIZER_MODEL = "tokenizer.model"
@@ -44,7 +53,13 @@ _NON_ARCHITECTURE = ("torch_dtype", "mtllama_jax")
 
 
 class TrainCheckpoints:
-    """Saves and restores `TrainState`s under `<model_dir>/checkpoints`."""
+    """Saves and restores `TrainState`s under `<model_dir>/checkpoints`.
+
+    Each committed step gets `manifest.json` (sha256 and size of its files),
+    checked before it is restored; restored params must be finite. Rotation
+    keeps the last `keep` steps and, beyond them, the newest step whose last
+    loss was finite, so a run gone bad never rotates its last good state away.
+    """
 
     def __init__(
         self,
@@ -61,17 +76,23 @@ class TrainCheckpoints:
         if every_minutes:
             policies.append(_EveryMinutes(every_minutes))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
             save_decision_policy=_policies.AnySavePolicy(policies) if policies else
             _policies.SpecificStepsPolicy(()),
+            preservation_policy=_policies.AnyPreservationPolicy(
+                [_policies.LatestN(keep), _NewestFinite()]),
+            best_fn=_step_of,  # only so that Orbax records each step's metrics
             cleanup_tmp_directories=True,
         )
-        self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.model_dir = os.path.abspath(model_dir)
+        self.directory = os.path.join(self.model_dir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("params", "state", "data")
         )
         self._data_args = None
+        self._unhashed: list[int] = []  # saved, manifest not yet written
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="manifest")
+        self._hashing: list[concurrent.futures.Future] = []
 
     def latest_step(self) -> int | None:
         """The newest fully written step, or None."""
@@ -92,21 +113,108 @@ class TrainCheckpoints:
         )
         return TrainState(params=restored.params, **restored.state)
 
-    def maybe_save(self, step: int, state: TrainState) -> bool:
-        """Saves if the step or time policy says so (asynchronously)."""
-        return self.manager.save(step, args=self._args(state))
+    def restore_latest(self, target: TrainState) -> TrainState | None:
+        """The newest intact step's state (None without any step).
 
-    def save(self, step: int, state: TrainState) -> bool:
+        A step whose files differ from its manifest, whose params are not
+        finite, or which has no manifest and Orbax cannot read (truncated,
+        incomplete), is moved to `<model_dir>/corrupt_checkpoints/` (named on
+        stderr) and the step before it is tried; with none left, the error names
+        each step and the fix.
+        """
+        problems = []
+        for step in sorted(self.all_steps(), reverse=True):
+            where = os.path.join(self.directory, str(step))
+            try:
+                verify_step(self.directory, step)
+                try:
+                    state = self.restore(step, target)
+                except Exception as e:  # Orbax and TensorStore raise many kinds
+                    if os.path.exists(os.path.join(where, STEP_MANIFEST)):
+                        raise _Intact(
+                            f"{where} matches its manifest but does not restore onto this "
+                            f"run's train state: {_first_line(e)}") from None
+                    raise ValueError(f"unreadable ({_first_line(e)})") from None
+                check_finite(state.params, f"{where}/params")
+            except _Intact:
+                raise
+            except ValueError as e:
+                problems.append(f"step {step}: {e}")
+                self._set_aside(step, e)
+                continue
+            return state
+        if problems:
+            raise ValueError(
+                f"no intact checkpoint in {self.directory}:\n  " + "\n  ".join(problems)
+                + "\nThe damaged steps were moved to corrupt_checkpoints/; start a new "
+                "MODEL_DIR (with INIT_CHECKPOINT), or copy intact steps back from a backup."
+            )
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Moves a damaged step out of Orbax's folder, so the run can save that step again."""
+        aside = os.path.join(self.model_dir, "corrupt_checkpoints")
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            dst = os.path.join(aside, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+            while os.path.exists(dst):
+                dst += "+"
+            os.rename(os.path.join(self.directory, str(step)), dst)
+            print(f"checkpoint step {step} is damaged ({error}); moved to {dst}, trying the "
+                  "step before it", file=sys.stderr)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set_aside:{step}")
+        self.manager.reload()
+
+    def maybe_save(self, step: int, state: TrainState, nonfinite=None) -> bool:
+        """Saves if the step or time policy says so (asynchronously).
+
+        `nonfinite`: the last step's flag (a device scalar), read only when saving.
+        """
+        self._hash_committed()
+        if not self.manager.should_save(step):
+            return False
+        return self._save(step, state, nonfinite, force=False)
+
+    def save(self, step: int, state: TrainState, nonfinite=None) -> bool:
         """Saves now unless `step` is already saved (end of run, preemption)."""
+        self._hash_committed()
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(step, args=self._args(state), force=True)
+        return self._save(step, state, nonfinite, force=True)
+
+    def _save(self, step, state, nonfinite, force: bool) -> bool:
+        finite = 1 if nonfinite is None else 1 - int(jax.device_get(nonfinite))
+        saved = self.manager.save(step, args=self._args(state), metrics={"finite": finite},
+                                  force=force)
+        if saved:
+            self._unhashed.append(step)
+        return saved
+
+    def _hash_committed(self) -> None:
+        """Starts writing the manifest of each step committed since the last call.
+
+        Hashing runs on a background thread (sha256 releases the GIL), so a
+        large checkpoint does not hold up training.
+        """
+        for step in list(self._unhashed):
+            folder = os.path.join(self.directory, str(step))
+            if os.path.isdir(folder):  # renamed into place: committed
+                if jax.process_index() == 0:
+                    self._hashing.append(self._hasher.submit(write_step_manifest, folder))
+                self._unhashed.remove(step)
 
     def wait(self):
-        """Blocks until pending asynchronous saves are committed."""
+        """Blocks until pending saves are committed and their manifests written."""
         self.manager.wait_until_finished()
+        self._hash_committed()
+        for future in self._hashing:
+            future.result()
+        self._hashing.clear()
 
     def close(self):
+        self.wait()
+        self._hasher.shutdown()
         self.manager.close()
 
     def attach_data(self, save_args: Callable[[], ocp.args.CheckpointArgs]) -> None:
@@ -142,6 +250,105 @@ class TrainCheckpoints:
         )
 
 
+class _Intact(ValueError):
+    """A step whose files match its manifest, yet it does not restore (not damage)."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _step_of(metrics) -> float:
+    return 0.0
+
+
+class _NewestFinite:
+    """Preserves the newest step whose last loss was finite (steps without metrics count)."""
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        keep = [False] * len(checkpoints)
+        for i in reversed(range(len(checkpoints))):
+            metrics = checkpoints[i].metrics
+            if metrics is None or metrics.get("finite", 1):
+                keep[i] = True
+                break
+        return keep
+
+
+# ---- integrity ---------------------------------------------------------------------------
+
+
+STEP_MANIFEST = "manifest.json"
+
+
+def _step_files(folder: str) -> dict[str, str]:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != STEP_MANIFEST:
+                files[rel] = os.path.join(root, name)
+    return files
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_step_manifest(folder: str) -> None:
+    """`<step>/manifest.json`: sha256 and size of each file of a committed step (atomic).
+
+    Nothing is written when rotation deleted the step meanwhile.
+    """
+    try:
+        files = {rel: {"sha256": _sha256(path), "size": os.path.getsize(path)}
+                 for rel, path in sorted(_step_files(folder).items())}
+        _atomic_write(os.path.join(folder, STEP_MANIFEST),
+                      json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+    except FileNotFoundError:
+        return
+
+
+def verify_step(directory: str, step: int) -> None:
+    """Raises ValueError naming the files of `step` that differ from its manifest.
+
+    A step saved without a manifest (an older run, or killed between commit and
+    manifest) is not checked here; its params are still checked to be finite.
+    """
+    folder = os.path.join(directory, str(step))
+    path = os.path.join(folder, STEP_MANIFEST)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            want = json.load(f)["files"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path} is unreadable ({e})") from None
+    got = _step_files(folder)
+    problems = [f"{rel} missing" for rel in sorted(set(want) - set(got))]
+    for rel in sorted(set(want) & set(got)):
+        if (os.path.getsize(got[rel]) != want[rel]["size"]
+                or _sha256(got[rel]) != want[rel]["sha256"]):
+            problems.append(f"{rel} differs")
+    if problems:
+        shown = ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        raise ValueError(f"files differ from {path}: {shown}")
+
+
+def check_finite(params, where: str) -> None:
+    """Raises ValueError naming the first parameters holding NaN or Inf."""
+    flags = jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), params)
+    bad = [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_leaves_with_path(flags)
+           if not bool(ok)]
+    if bad:
+        raise ValueError(f"{where}: parameter(s) {bad[:3]} hold NaN or Inf values")
+
+
 @dataclasses.dataclass
 class _StartTime:
     step: int
@@ -172,6 +379,43 @@ def _rest(state: TrainState) -> dict:
             "skipped": state.skipped}
 
 
+def restore_intact_params(model_dir: str, target, step: int | None = None):
+    """(step, params) of a training MODEL_DIR: `step`, or the newest intact one.
+
+    For readers (eval, chat): each step is checked against its manifest and for
+    finite params; a damaged latest step is skipped with a warning naming it
+    (nothing is moved), a damaged requested step is an error naming it.
+    """
+    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True))
+    steps = sorted(manager.all_steps(), reverse=True)
+    manager.close()
+    if step is not None:
+        steps = [step]
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished step; train longer or point "
+                                "at a converted checkpoint folder")
+    problems = []
+    for candidate in steps:
+        try:
+            verify_step(directory, candidate)
+            try:
+                params = restore_params(model_dir, candidate, target)
+            except Exception as e:  # Orbax and TensorStore raise many kinds
+                raise ValueError(f"unreadable ({_first_line(e)})") from None
+            check_finite(params, f"{directory}/{candidate}/params")
+        except ValueError as e:
+            problems.append(f"step {candidate}: {e}")
+            if step is None:
+                print(f"warning: checkpoint step {candidate} of {model_dir} is damaged ({e}); "
+                      "trying the step before it", file=sys.stderr)
+            continue
+        return candidate, params
+    raise ValueError(f"no intact checkpoint in {directory}:\n  " + "\n  ".join(problems)
+                     + "\nCopy the step again from a backup, or pick another with `step`.")
+
+
 def restore_params(model_dir: str, step: int, target):
     """Only the params of a training checkpoint, onto `target`'s shardings."""
     manager = ocp.CheckpointManager(
@@ -199,13 +443,12 @@ def architecture(config: LlamaConfig) -> dict:
     return hf
 
 
-def check_model_dir(model_dir: str, config: LlamaConfig) -> None:
-    """Refuses a MODEL_DIR whose config.json describes another model (shows both)."""
+def check_model_dir(model_dir: str, config: LlamaConfig, role: str = "MODEL_DIR") -> None:
+    """Refuses a MODEL_DIR (or INIT_CHECKPOINT: `role`) whose config.json is another model's."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_config_json(path)
     mine = architecture(config)
     differ = {
         k: (saved.get(k), mine.get(k))
@@ -213,11 +456,13 @@ def check_model_dir(model_dir: str, config: LlamaConfig) -> None:
         if k not in _NON_ARCHITECTURE and saved.get(k) != mine.get(k)
     }
     if differ:
-        lines = "\n".join(f"  {k}: MODEL_DIR has {a!r}, this run has {b!r}" for k, (a, b) in
+        lines = "\n".join(f"  {k}: {role} has {a!r}, this run has {b!r}" for k, (a, b) in
                           differ.items())
+        fix = ("Point MODEL_DIR at a new folder, or use the gin model file it was trained "
+               "with." if role == "MODEL_DIR" else
+               f"Use the gin model file (gin/models/) that matches {role}, or another {role}.")
         raise ValueError(
-            f"{path} describes another model than this run's LlamaConfig:\n{lines}\n"
-            "Point MODEL_DIR at a new folder, or use the gin model file it was trained with."
+            f"{path} describes another model than this run's LlamaConfig:\n{lines}\n{fix}"
         )
 
 
@@ -252,17 +497,27 @@ def write_model_dir_files(
 # ---- preemption --------------------------------------------------------------------------
 
 
+class Preempted(Exception):
+    """A signal arrived while no step ran (the loop was waiting for data)."""
+
+
 class PreemptionWatch:
     """Turns SIGTERM/SIGINT into a request to save and exit, agreed by every process.
 
     `requested()` is True on every process once any process got a signal (a
     tiny all-gather when there are several processes), so all of them save the
-    same step. Use as a context manager to restore the previous handlers.
+    same step. A signal received inside `waiting()` (no step runs: the loop
+    waits for data, which may never come) raises `Preempted` at once when
+    there is one process; with several, only the next step can agree on a
+    save. A second signal ends the process at once (the signal's default
+    action, which works even when Python code no longer runs). Use as a
+    context manager to restore the previous handlers.
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self._flag = False
+        self._waiting = False
         self._previous = {}
 
     def __enter__(self):
@@ -276,6 +531,21 @@ class PreemptionWatch:
 
     def _handle(self, signum, frame):
         self._flag = True
+        for sig in self.signals:  # the next signal terminates the process
+            signal.signal(sig, signal.SIG_DFL)
+        print(f"received {signal.Signals(signum).name}: saving and stopping "
+              "(a second signal ends the process without saving)", file=sys.stderr)
+        if self._waiting and jax.process_count() == 1:
+            raise Preempted(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Marks a wait outside any step (for data): a signal in it raises `Preempted`."""
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def requested(self) -> bool:
         if jax.process_count() == 1:

@@ -81,6 +81,11 @@ class LlamaConfig:
         def fail(field, value, fix):
             raise ValueError(f"LlamaConfig.{field}={value!r}: {fix}")
 
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(field, value, "must be a positive integer")
         if self.num_heads % self.num_kv_heads:
             fail(
                 "num_kv_heads",
@@ -149,8 +154,7 @@ class LlamaConfig:
             source = os.fspath(path_or_dict)
             if os.path.isdir(source):
                 source = os.path.join(source, "config.json")
-            with open(source) as f:
-                hf = json.load(f)
+            hf = read_config_json(source)
         missing = [k for k in _REQUIRED_HF_FIELDS if k not in hf]
         if missing:
             raise ValueError(
@@ -176,24 +180,47 @@ class LlamaConfig:
             rope_type(scaling)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-        heads = int(hf["num_attention_heads"])
+        def size(key, default=None):
+            value = hf.get(key, default) if default is not None else hf[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{source}: field {key!r} is {value!r}; it must be a "
+                                 "positive integer")
+            return value
+
+        def number(key, default):
+            value = hf.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{source}: field {key!r} is {value!r}; it must be a number")
+            return float(value)
+
+        def token_id(key, default):
+            value = hf.get(key, default)
+            try:
+                return None if value is None and key == "pad_token_id" else _single_id(value)
+            except (TypeError, ValueError, IndexError):
+                raise ValueError(f"{source}: field {key!r} is {value!r}; it must be a token "
+                                 "id (an integer)") from None
+
+        heads = size("num_attention_heads")
         fields = dict(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            vocab_size=size("vocab_size"),
+            hidden_size=size("hidden_size"),
+            intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=size("num_key_value_heads") if "num_key_value_heads" in hf
+            and hf["num_key_value_heads"] is not None else heads,
+            head_dim=size("head_dim") if hf.get("head_dim") is not None
+            else size("hidden_size") // heads,
+            max_position_embeddings=size("max_position_embeddings", 2048),
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=_single_id(hf.get("bos_token_id", 1)),
-            eos_token_id=_single_id(hf.get("eos_token_id", 2)),
-            pad_token_id=hf.get("pad_token_id"),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
+            bos_token_id=token_id("bos_token_id", 1),
+            eos_token_id=token_id("eos_token_id", 2),
+            pad_token_id=token_id("pad_token_id", None),
+            initializer_range=number("initializer_range", 0.02),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -228,6 +255,20 @@ class LlamaConfig:
             "mlp_bias": False,
             "torch_dtype": self.param_dtype,
         }
+
+
+def read_config_json(path: str) -> dict:
+    """A config.json as a dict; invalid JSON, or JSON that is not an object, names the file."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        hf = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy it again from the model's "
+                         "files") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds {type(hf).__name__}, not a JSON object of config fields")
+    return hf
 
 
 def _single_id(value):

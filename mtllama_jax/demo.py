@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import gin
 import jax
 
-from mtllama_jax import atomic, decoding, evaluation, launch, metrics, reports, train, trainer
+from mtllama_jax import atomic, decoding, evaluation, exits, launch, metrics, reports, train, trainer
 from mtllama_jax.gin_configurables import model_config_from_gin
 
 HELD_OUT = {
@@ -148,7 +148,9 @@ def demo(
     print("== multi-task training on synthetic_train", flush=True)
     reason = train.train(model_dir=model_dir, seed=seed)
     if reason != "done":
-        raise RuntimeError(f"training ended early ({reason}); rerun `make demo` to continue")
+        print(f"mtllama-demo: training ended early ({reason}); rerun `make demo` to continue",
+              file=sys.stderr)
+        raise SystemExit(exits.PREEMPTED if reason == "preempted" else exits.NONFINITE)
     print("== zero-shot evaluation after training", flush=True)
     after = evaluation.evaluate(trained_params(model_dir, mesh, rules), config, vocabulary,
                                 list(HELD_OUT), options, decoder=decoder, progress=True)
@@ -180,13 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     search = [p for p in args.gin_search_paths.split(",") if p]
-    try:
+
+    def job():
         launch.parse_gin(args.gin_file, args.gin_bindings, search)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mtllama-demo: error: {e}", file=sys.stderr)
-        return 2
-    demo()
-    return 0
+        demo()
+
+    return exits.run_main("mtllama-demo", job)
 
 
 if __name__ == "__main__":

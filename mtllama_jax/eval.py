@@ -26,7 +26,7 @@ from typing import Sequence
 import gin
 import jax
 
-from mtllama_jax import atomic, evaluation, launch, reports
+from mtllama_jax import atomic, evaluation, exits, launch, reports
 from mtllama_jax.checkpoint_folder import open_checkpoint
 from mtllama_jax.config import COMPUTE_DTYPES
 
@@ -73,8 +73,14 @@ def evaluate_checkpoint(
       dtype: compute dtype, float32, bfloat16 or float16 (None: the checkpoint's
         config.json); results.json records the one used.
     """
+    from mtllama_jax import checkpoint_folder
+    from mtllama_jax.gin_configurables import check_argument_types
     from mtllama_jax.train import mesh
 
+    check_argument_types("evaluate_checkpoint", evaluate_checkpoint, locals())
+    if jax.process_index() == 0:  # before the evaluation, not after it
+        checkpoint_folder.check_writable(os.path.join(output_dir, "results.json"),
+                                         overwrite=True)
     mesh_, rules = mesh()
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise ValueError(f"evaluate_checkpoint.dtype={dtype!r}: choose one of {COMPUTE_DTYPES}")
@@ -151,15 +157,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
-    parse_gin(args.gin_file, args.gin_bindings,
-              [p for p in args.gin_search_paths.split(",") if p])
-    try:
-        results = evaluate_checkpoint()
-    except (FileNotFoundError, evaluation.MissingData) as e:
-        print(f"mtllama-eval: {e}", file=sys.stderr)
-        return 2
-    print(reports.markdown_report({results["label"]: results}))
-    return 0
+    def job():
+        parse_gin(args.gin_file, args.gin_bindings,
+                  [p for p in args.gin_search_paths.split(",") if p])
+        try:
+            results = evaluate_checkpoint()
+        except evaluation.MissingData as e:  # fail_on_missing
+            raise ValueError(str(e)) from None
+        print(reports.markdown_report({results["label"]: results}))
+        if results["skipped"] and not results["tasks"]:
+            print(f"mtllama-eval: every set was skipped (no data found): "
+                  f"{sorted(results['skipped'])}; see the reasons in results.json",
+                  file=sys.stderr)
+            return exits.ALL_SKIPPED
+        return exits.OK
+
+    return exits.run_main("mtllama-eval", job)
 
 
 if __name__ == "__main__":

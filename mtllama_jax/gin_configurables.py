@@ -4,7 +4,10 @@ Library code never imports gin; entry points (`mtllama-train`, `mtllama-eval`,
 ...) import this module so that `gin/models/*.gin` can bind `LlamaConfig.*`.
 """
 
+import collections.abc
 import pathlib
+import types
+import typing
 
 import gin
 
@@ -35,3 +38,72 @@ def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, rules: str = "fsdp"):
       rules: logical axis rule set of `partitioning.RULE_SETS`: data, fsdp, fsdp_tp.
     """
     return partitioning.make_mesh(data, fsdp, tensor), partitioning.logical_axis_rules(rules)
+
+
+def check_argument_types(name: str, fn, values: dict) -> None:
+    """Refuses a gin-bound argument of the wrong type, naming the binding and the fix.
+
+    Checks the plain annotations (int, float, str, bool, their `| None`, and
+    sequences of them); a value gin bound as `'two'` for an int would otherwise
+    fail later as a bare TypeError.
+    """
+    hints = typing.get_type_hints(fn)
+    for arg, value in values.items():
+        hint = hints.get(arg)
+        if hint is None or _matches(value, hint):
+            continue
+        raise ValueError(
+            f"gin binding {name}.{arg}={value!r} ({type(value).__name__}): {name}.{arg} "
+            f"takes {_describe(hint)}; e.g. --gin.{name}.{arg}={_example(hint)} (strings in "
+            "gin are quoted: --gin.NAME=\"'text'\")"
+        )
+
+
+def _options(hint) -> tuple:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else (hint,)
+
+
+def _matches(value, hint) -> bool:
+    for option in _options(hint):
+        origin = typing.get_origin(option) or option
+        if option is type(None):
+            if value is None:
+                return True
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif option in (str, bool):
+            if isinstance(value, option):
+                return True
+        elif origin in (collections.abc.Sequence, list, tuple):
+            inner = typing.get_args(option)
+            if isinstance(value, (list, tuple)) and (
+                    not inner or all(_matches(v, inner[0]) for v in value)):
+                return True
+        else:
+            return True  # not checked here (callables, mappings, configurables)
+    return False
+
+
+def _describe(hint) -> str:
+    names = []
+    for option in _options(hint):
+        origin = typing.get_origin(option)
+        if option is type(None):
+            names.append("None")
+        elif origin is not None:
+            names.append(f"a list of {_describe(typing.get_args(option)[0])}"
+                         if typing.get_args(option) else "a list")
+        else:
+            names.append(getattr(option, "__name__", str(option)))
+    return " or ".join(names)
+
+
+def _example(hint) -> str:
+    first = _options(hint)[0]
+    return {int: "16", float: "0.1", bool: "True", str: "\"'text'\""}.get(
+        first, "\"['a', 'b']\"")

@@ -95,6 +95,11 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
             gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
     except ValueError as e:
         raise ValueError(_unknown_binding_message(str(e))) from None
+    except SyntaxError as e:
+        where = f"{e.filename}, line {e.lineno}: " if e.filename else ""
+        raise ValueError(
+            f"gin cannot parse {where}{(e.text or '').strip()!r} ({e.msg.splitlines()[-1].strip()}"
+            "); a string value is quoted, e.g. --gin.MODEL_DIR=\"'/tmp/run'\"") from None
     except OSError as e:
         raise FileNotFoundError(
             f"{e}\n  (gin files are looked up as given, then in --gin_search_paths, then in "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Mapping, Sequence
 
 import jax
@@ -160,18 +161,44 @@ class MetricsWriter:
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops records after `last_step` (written past the checkpoint a run resumes from)."""
+    """Drops records after `last_step` (written past the checkpoint a run resumes from).
+
+    A torn last line (disk full, unclean shutdown) is dropped too, with a warning.
+    """
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    if len(kept) == len(lines):
+    records, lines, torn = _parse_jsonl(path)
+    kept = [line for line, r in zip(lines, records) if r["step"] <= last_step]
+    if len(kept) == len(lines) and not torn:
         return
-    atomic.write_text(path, "".join(kept))
+    if torn:
+        print(f"warning: {path}: dropped a torn last line ({torn[:60]!r}...), left by an "
+              "unclean shutdown or a full disk", file=sys.stderr)
+    atomic.write_text(path, "".join(line if line.endswith("\n") else line + "\n"
+                                    for line in kept))
 
 
 def read_jsonl(path: str, kind: str = "train") -> list[dict]:
-    """The records of one kind, in order."""
-    with open(path) as f:
-        return [r for r in map(json.loads, filter(str.strip, f)) if r["kind"] == kind]
+    """The records of one kind, in order (a torn last line is left out)."""
+    records, _, _ = _parse_jsonl(path)
+    return [r for r in records if r["kind"] == kind]
+
+
+def _parse_jsonl(path: str) -> tuple[list[dict], list[str], str]:
+    """(records, their lines, the torn last line or ''); a bad line elsewhere names the file."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    records, torn = [], ""
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            record["step"], record["kind"]
+        except (ValueError, TypeError, KeyError) as e:
+            if number == len(lines) and not line.endswith("\n"):
+                torn = line
+                break
+            raise ValueError(
+                f"{path}, line {number}: not a metrics record ({e}); remove or fix that "
+                "line, or move the file away (the run writes a new one)") from None
+        records.append(record)
+    return records, lines[:len(records)], torn

@@ -27,9 +27,9 @@ import gin
 import jax
 import numpy as np
 
-from mtllama_jax import checkpoints, launch, metrics, optim, trainer
+from mtllama_jax import checkpoints, exits, launch, metrics, optim, partitioning, run_lock, trainer
 from mtllama_jax.config import LlamaConfig
-from mtllama_jax.gin_configurables import mesh, model_config_from_gin
+from mtllama_jax.gin_configurables import check_argument_types, mesh, model_config_from_gin
 from mtllama_jax.launch import parse_gin
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
@@ -71,7 +71,22 @@ def optimizer(
     return tx, sched
 
 
-def run(
+def run(config: LlamaConfig, mesh_and_rules, optimizer_and_schedule, model_dir: str,
+        num_steps: int, batches: Batches, **kwargs):
+    """Trains to `num_steps`, resuming from MODEL_DIR's latest checkpoint if any.
+
+    `batches(start_step)` yields this process's rows for steps start_step, ...
+    A fresh run starts from `init_checkpoint` (a params-only folder) or from
+    random params drawn from `seed`. MODEL_DIR is locked for the run's life
+    (`run_lock`): a second run on it is refused. Keyword arguments as
+    `_run_locked`'s. Returns (state, "done" | "preempted" | "nonfinite").
+    """
+    with run_lock.ModelDirLock(model_dir):
+        return _run_locked(config, mesh_and_rules, optimizer_and_schedule, model_dir,
+                           num_steps, batches, **kwargs)
+
+
+def _run_locked(
     config: LlamaConfig,
     mesh_and_rules,
     optimizer_and_schedule,
@@ -85,6 +100,8 @@ def run(
     loss_normalization: str = "token",
     z_loss: float = 0.0,
     nonfinite: str = "skip",
+    max_consecutive_skips: int | None = 10,
+    max_skipped_fraction: float | None = 0.1,
     checkpoint_every_steps: int | None = 1000,
     checkpoint_every_minutes: float | None = None,
     keep_checkpoints: int | None = 3,
@@ -99,17 +116,7 @@ def run(
     task_names: Sequence[str] = (),
     task_groups: Mapping[str, str] | None = None,
 ):
-    """Trains to `num_steps`, resuming from MODEL_DIR's latest checkpoint if any.
-
-    `batches(start_step)` yields this process's rows for steps start_step, ...
-    When it returns an iterator with `orbax_save_args` (the cache's pipeline),
-    its position is saved with every checkpoint and restored on resume.
-    `task_names` (the batches' `task_ids` index them) turn on per-task loss,
-    summed per `task_groups` cluster as well.
-    A fresh run starts from `init_checkpoint` (a params-only folder) or from
-    random params drawn from `seed`. Returns (state, "done" | "preempted" |
-    "nonfinite").
-    """
+    """`run` once MODEL_DIR is locked."""
     mesh_, rules = mesh_and_rules
     tx, schedule = optimizer_and_schedule
     checkpoints.check_model_dir(model_dir, config)
@@ -122,14 +129,14 @@ def run(
         model_dir, every_steps=checkpoint_every_steps, every_minutes=checkpoint_every_minutes,
         keep=keep_checkpoints,
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, step_fn.abstract_restore_target())
-    else:
+    state = ckpt.restore_latest(step_fn.abstract_restore_target())
+    latest = None if state is None else int(jax.device_get(state.step))
+    if state is None:
         params = None
         if init_checkpoint:
             params = _load_init_params(init_checkpoint, config, step_fn.state_shardings.params)
         state = step_fn.init_state(jax.random.key(seed), params)
+    _check_dtypes(state, step_fn.abstract_state)
     start = int(jax.device_get(state.step))
     checkpoints.write_model_dir_files(model_dir, config, tokenizer_files, gin_config)
     source = batches(start)
@@ -145,14 +152,32 @@ def run(
             state, reason = trainer.train_loop(
                 step_fn, state, source, num_steps, checkpoints=ckpt, writer=writer,
                 log_every=log_every_steps, eval_every=eval_every_steps, validation=validation,
-                eval_hook=eval_hook, stop_requested=watch.requested,
+                eval_hook=eval_hook, stop_requested=watch.requested, waiting=watch.waiting,
+                max_consecutive_skips=max_consecutive_skips,
+                max_skipped_fraction=max_skipped_fraction,
             )
     finally:
         writer.close()
         ckpt.close()
         if hasattr(source, "close"):
             source.close()
+    skipped = int(jax.device_get(state.skipped))
+    if skipped and jax.process_index() == 0:
+        print(f"mtllama-train: {skipped} of {int(jax.device_get(state.step))} steps were "
+              "skipped for a non-finite loss or gradient", file=sys.stderr)
     return state, reason
+
+
+def _check_dtypes(state, abstract) -> None:
+    """Refuses a train state whose dtypes differ from the config's (exact resume needs them)."""
+    wrong = [f"{jax.tree_util.keystr(p)}: {a.dtype}, expected {b.dtype}"
+             for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
+                                  jax.tree.leaves(abstract)) if a.dtype != b.dtype]
+    if wrong:
+        raise ValueError(
+            f"the train state's dtypes differ from LlamaConfig's: {wrong[:3]}; set "
+            "LlamaConfig.param_dtype to the checkpoint's, or convert it again"
+        )
 
 
 def _attach_data_state(ckpt, latest: int | None, source) -> None:
@@ -168,8 +193,8 @@ def _load_init_params(path: str, config: LlamaConfig, shardings):
     """Params of a converted (params-only) checkpoint folder, on this run's shardings."""
     from mtllama_jax import checkpoint_folder
 
-    checkpoints.check_model_dir(path, config)
-    return checkpoint_folder.load_params(path, shardings)
+    checkpoints.check_model_dir(path, config, role="INIT_CHECKPOINT")
+    return checkpoint_folder.load_params(path, shardings, dtype=config.param_dtype)
 
 
 @gin.configurable(denylist=["config", "mesh_and_rules"])
@@ -199,6 +224,8 @@ def train(
     loss_normalization: str = "token",
     z_loss: float = 0.0,
     nonfinite: str = "skip",
+    max_consecutive_skips: int | None = 10,
+    max_skipped_fraction: float | None = 0.1,
     checkpoint_every_steps: int | None = 1000,
     checkpoint_every_minutes: float | None = None,
     keep_checkpoints: int | None = 3,
@@ -228,6 +255,9 @@ def train(
       z_loss: weight of the log(Z)^2 penalty (0 turns it off).
       nonfinite: on a NaN/Inf loss or gradient, "skip" the step (counted) or "stop"
         after saving the last good state.
+      max_consecutive_skips / max_skipped_fraction: under "skip", this many skipped steps
+        in a row, or more than this fraction of the run's steps (judged from its 20th
+        step), stop the run as "stop" does (exit code 3); None turns a bound off.
       checkpoint_every_steps / checkpoint_every_minutes / keep_checkpoints: async save
         policy (either trigger saves) and how many checkpoints to keep (None: all).
       log_every_steps: train metrics period.
@@ -245,14 +275,11 @@ def train(
     """
     from mtllama_jax import data  # seqio and TF: only the entry point needs them
 
+    check_argument_types("train", train, locals())
     config = model_config_from_gin()
     mesh_and_rules = mesh()
     processes = jax.process_count()
-    if batch_size % processes:
-        raise ValueError(
-            f"train.batch_size={batch_size} is not divisible by the {processes} processes; "
-            f"use a multiple of {processes}"
-        )
+    _check_batch_size(batch_size, microbatches, processes, *mesh_and_rules)
     rows = batch_size // processes
 
     def stream(split, start):
@@ -285,6 +312,7 @@ def train(
         config, mesh_and_rules, optimizer(num_steps), model_dir, num_steps, batches,
         seed=seed, init_checkpoint=init_checkpoint, microbatches=microbatches,
         loss_normalization=loss_normalization, z_loss=z_loss, nonfinite=nonfinite,
+        max_consecutive_skips=max_consecutive_skips, max_skipped_fraction=max_skipped_fraction,
         checkpoint_every_steps=checkpoint_every_steps,
         checkpoint_every_minutes=checkpoint_every_minutes, keep_checkpoints=keep_checkpoints,
         log_every_steps=log_every_steps, eval_every_steps=eval_every_steps,
@@ -317,6 +345,21 @@ def _cached_batches(cache_dir, name, sequence_length, rows, seed, workers):
     return (lambda start: pipeline.CacheBatches(spec, start)), spec.tasks, groups
 
 
+def _check_batch_size(batch_size: int, microbatches: int, processes: int, mesh_, rules):
+    """Refuses a batch the mesh cannot split, before anything is built or written."""
+    spec = partitioning.batch_sharding(mesh_, rules).spec
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+    shards = int(np.prod([mesh_.shape[a] for a in axes])) * max(microbatches, 1)
+    need = int(np.lcm(shards, processes))
+    if batch_size <= 0 or batch_size % need:
+        raise ValueError(
+            f"train.batch_size={batch_size} does not split over {processes} process(es) and "
+            f"{shards // max(microbatches, 1)} batch shard(s) (mesh data x fsdp) x "
+            f"{microbatches} microbatch(es); use a multiple of {need}"
+        )
+
+
 def _take(iterable, n):
     for _, item in zip(range(n), iterable):
         yield item
@@ -337,10 +380,12 @@ def _vocabulary_files(name: str) -> list[str]:
 def _no_data_message(name: str, split: str) -> str:
     import seqio
 
-    tasks = [t.name for t in seqio.get_mixture_or_task(name).tasks]
+    found = seqio.get_mixture_or_task(name)
+    tasks = [t.name for t in getattr(found, "tasks", [found])]  # a Task has no .tasks
     return (
-        f"mixture {name!r} yielded no {split} examples; none of its tasks found data: "
-        f"{tasks}. Check their data locations (gin bindings or environment variables)."
+        f"{name!r} yielded no {split} examples; none of its tasks found data: "
+        f"{tasks}. Check their data locations (gin bindings or environment variables) "
+        "and that their files hold examples."
     )
 
 
@@ -381,20 +426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     search = [p for p in args.gin_search_paths.split(",") if p]
-    try:
+
+    def job():
         parse_gin(args.gin_file, args.gin_bindings, search)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mtllama-train: error: {e}", file=sys.stderr)
-        return 2
-    reason = train()
-    messages = {
-        "done": "finished",
-        "preempted": "stopped by a signal; the current step is saved, rerun to continue",
-        "nonfinite": "stopped on a non-finite loss or gradient (train.nonfinite='stop'); "
-        "the last good state is saved",
-    }
-    print(f"mtllama-train: {messages[reason]}", file=sys.stderr)
-    return 1 if reason == "nonfinite" else 0
+        reason = train()
+        print(f"mtllama-train: {_ENDINGS[reason][1]}", file=sys.stderr)
+        return _ENDINGS[reason][0]
+
+    return exits.run_main("mtllama-train", job)
+
+
+# How a run ended: (exit code, message).
+_ENDINGS = {
+    "done": (exits.OK, "finished"),
+    "preempted": (exits.PREEMPTED, "stopped by a signal; the current step is saved, rerun to "
+                  "continue"),
+    "nonfinite": (exits.NONFINITE, "stopped on non-finite losses or gradients; the last good "
+                  "state is saved"),
+}
 
 
 if __name__ == "__main__":

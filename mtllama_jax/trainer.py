@@ -15,7 +15,9 @@ calls the validation and zero-shot hooks at their periods.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import losses, partitioning, train_state
+from mtllama_jax.checkpoints import Preempted
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.model import LlamaForCausalLM
 
@@ -295,6 +298,9 @@ def train_loop(
     validation: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
     eval_hook: Callable[[Any, int], Mapping[str, float]] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    waiting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_consecutive_skips: int | None = None,
+    max_skipped_fraction: float | None = None,
 ) -> tuple[train_state.TrainState, str]:
     """Runs steps from `state.step` to `num_steps`; returns (state, why it ended).
 
@@ -303,7 +309,11 @@ def train_loop(
     `stop_requested()` (preemption) and at the end. `writer` (a
     `metrics.MetricsWriter`) gets train metrics every `log_every` steps and
     validation (`validation()` batches) / `eval_hook(params, step)` results
-    every `eval_every` steps. Ends with "done", "preempted" or "nonfinite".
+    every `eval_every` steps. `waiting()` wraps each wait for data (a signal
+    there raises `checkpoints.Preempted`: the run saves and ends at once).
+    Under nonfinite="skip", `max_consecutive_skips` skipped steps in a row, or
+    more than a `max_skipped_fraction` of this run's steps (judged from its
+    20th), end it as "stop" would. Ends with "done", "preempted" or "nonfinite".
     """
     step = int(jax.device_get(state.step))
     stop_each_step = trainer.nonfinite == "stop"
@@ -311,8 +321,17 @@ def train_loop(
     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     task_sums = None  # per-task (nll, tokens) since the last log, on the devices
     reason = "done"
+    limit = None
+    if trainer.nonfinite == "skip":
+        limit = SkipLimit(max_consecutive_skips, max_skipped_fraction)
+    metrics = previous = None
     while step < num_steps:
-        local = next(batches, None)
+        try:
+            with waiting():
+                local = next(batches, None)
+        except Preempted:
+            reason = "preempted"
+            break
         if local is None:
             raise ValueError(f"the training data ran out at step {step} of {num_steps}")
         state, metrics = trainer.train_step(state, trainer.global_batch(local))
@@ -325,6 +344,11 @@ def train_loop(
             reason = "nonfinite"
             break
         step += 1
+        # The previous step's flag: read one step late, so the host runs ahead.
+        if limit is not None and previous is not None and limit.exceeded(previous):
+            reason = "nonfinite"
+            break
+        previous = metrics["nonfinite"]
         if writer is not None and (step % log_every == 0 or step == num_steps):
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - window_start
@@ -344,8 +368,41 @@ def train_loop(
             reason = "preempted"
             break
         if checkpoints is not None:
-            checkpoints.maybe_save(step, state)
+            checkpoints.maybe_save(step, state, nonfinite=metrics["nonfinite"])
+    if reason == "done" and limit is not None and previous is not None:
+        if limit.exceeded(previous):
+            reason = "nonfinite"
     if checkpoints is not None:
-        checkpoints.save(int(jax.device_get(state.step)), state)
+        checkpoints.save(int(jax.device_get(state.step)), state,
+                         nonfinite=None if metrics is None else metrics["nonfinite"])
         checkpoints.wait()
     return state, reason
+
+
+class SkipLimit:
+    """Counts skipped (non-finite) steps of a nonfinite="skip" run against its bounds."""
+
+    MIN_STEPS = 20  # the fraction is judged from this many steps of the run on
+
+    def __init__(self, max_consecutive: int | None, max_fraction: float | None):
+        self.max_consecutive, self.max_fraction = max_consecutive, max_fraction
+        self.steps = self.skipped = self.consecutive = 0
+
+    def exceeded(self, nonfinite) -> bool:
+        """Adds one step's `nonfinite` flag; True (and says why) once a bound is passed."""
+        bad = int(jax.device_get(nonfinite))
+        self.steps += 1
+        self.skipped += bad
+        self.consecutive = self.consecutive + 1 if bad else 0
+        why = None
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            why = (f"{self.consecutive} steps in a row had a non-finite loss or gradient "
+                   f"(train.max_consecutive_skips={self.max_consecutive})")
+        elif (self.max_fraction is not None and self.steps >= self.MIN_STEPS
+              and self.skipped > self.max_fraction * self.steps):
+            why = (f"{self.skipped} of {self.steps} steps had a non-finite loss or gradient "
+                   f"(train.max_skipped_fraction={self.max_fraction})")
+        if why and jax.process_index() == 0:
+            print(f"stopping: {why}; lower the learning rate or resume from an earlier "
+                  "checkpoint", file=sys.stderr)
+        return why is not None

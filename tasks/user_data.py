@@ -15,6 +15,7 @@ An Alpaca `input` is appended to the instruction as `\\n\\n### Input:\\n{input}`
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -35,7 +36,16 @@ def read_records(path: str) -> list[dict]:
     """Objects of a .json list or .jsonl file; errors name the file and line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"instruction data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                         f"{column}); save the file as UTF-8") from None
+    with io.StringIO(text) as f:
         if path.endswith(".jsonl"):
             records = []
             for number, line in enumerate(f, start=1):
