@@ -13,7 +13,7 @@ t0_train mixture, P3-like log-normal lengths, a small LLaMA-id SentencePiece):
 5. the train loop (tiny LLaMA, CPU) fed by the pipeline against the same loop
    fed one constant in-memory batch.
 
-    python benchmarks/bench_data_cache.py [--rows 200] [--repeats 3] [--workers 1]
+    python benchmarks/bench_data_cache.py [--rows 200] [--repeats 3] [--workers 1] [--root DIR]
 """
 import argparse
 import json
@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_data_throughput import time_ours, time_seqio, write_fixture, write_tokenizer  # noqa
+from bench_data_throughput import time_ours, write_fixture, write_tokenizer  # noqa: E402
 
 
 def seqio_tokenise(tasks):
@@ -65,11 +65,29 @@ def spec(cache_dir, workers, batch_size, length):
         bos_id=v.bos_id, eos_id=v.eos_id, seed=0, workers=workers)
 
 
+def time_seqio(batches, batch_size, length, warmup=10):
+    """seqio's packed pipeline, timed after `warmup` batches (its prefetch buffers drained)."""
+    import seqio
+    ds = seqio.get_dataset(
+        "t0_train", task_feature_lengths={"inputs": length // 2, "targets": length // 2},
+        dataset_split="train", shuffle=True, seed=0, use_cached=False,
+        feature_converter=seqio.PrefixLMFeatureConverter(pack=True)).batch(batch_size)
+    it = ds.as_numpy_iterator()
+    for _ in range(warmup):
+        next(it)
+    start, tokens = time.perf_counter(), 0
+    for _ in range(batches):
+        tokens += int(np.count_nonzero(next(it)["decoder_segment_ids"]))
+    elapsed = time.perf_counter() - start
+    return tokens / elapsed, tokens / (batches * batch_size * length)
+
+
 def time_cache(cache_dir, workers, batches, batch_size, length):
     """(tokens/s, non-padding, peak RSS anon MiB, RSS file MiB) of the cache's pipeline."""
     from mtllama_jax.data import pipeline
     it = pipeline.CacheBatches(spec(cache_dir, workers, batch_size, length))
-    next(it)
+    for _ in range(25):  # past its prefetched buffers, as for seqio
+        next(it)
     start, tokens, peak = time.perf_counter(), 0, (0, 0)
     for i in range(batches):
         tokens += int(np.count_nonzero(next(it)["segment_ids"]))
@@ -153,65 +171,76 @@ def main():
     p.add_argument("--build_workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, default=100, help="cache pipeline batches timed")
-    p.add_argument("--seqio_batches", type=int, default=8)
+    p.add_argument("--seqio_batches", type=int, default=30)
+    p.add_argument("--skip_first_batch", action="store_true")
     p.add_argument("--seqio_tasks", type=int, default=40, help="tasks tokenised by seqio")
+    p.add_argument("--root", help="keep the fixture and cache here (reused when present)")
     a = p.parse_args()
+    if a.root:
+        os.makedirs(a.root, exist_ok=True)
+        run(a, a.root)
+    else:
+        with tempfile.TemporaryDirectory() as root:
+            run(a, root)
+
+
+def run(a, root):
     bs, length = 16, 2048
-    with tempfile.TemporaryDirectory() as root:
-        write_tokenizer(os.path.join(root, "tokenizer.model"))
-        os.environ["MTLLAMA_TOKENIZER"] = os.path.join(root, "tokenizer.model")
-        os.environ["MTLLAMA_P3_DIR"] = os.path.join(root, "p3")
-        import mtllama_jax.tasks  # noqa: F401
-        from mtllama_jax.tasks import p3
+    os.environ["MTLLAMA_TOKENIZER"] = os.path.join(root, "tokenizer.model")
+    os.environ["MTLLAMA_P3_DIR"] = os.path.join(root, "p3")
+    cache_dir = os.path.join(root, "cache")
+    fresh = not os.path.exists(os.path.join(cache_dir, "manifest.json"))
+    if fresh:
+        write_tokenizer(os.environ["MTLLAMA_TOKENIZER"])
+    import mtllama_jax.tasks  # noqa: F401
+    from mtllama_jax.tasks import p3
+    if fresh:
         write_fixture(os.environ["MTLLAMA_P3_DIR"], a.rows)
-        cache_dir = os.path.join(root, "cache")
-        tasks = [r["task"] for r in p3.t0_train_table()]
-
         build_rate, cache_tokens = build_cache(cache_dir, a.build_workers)
+        tasks = [r["task"] for r in p3.t0_train_table()]
         seqio_rate = seqio_tokenise(tasks[:a.seqio_tasks])
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir)
-                   for f in fs)
-        print(f"cache build ({a.build_workers} workers): {build_rate:10.0f} tokens/s; seqio "
-              f"tokenisation (1 process, {a.seqio_tasks} tasks): {seqio_rate:10.0f} tokens/s; "
-              f"ratio {build_rate / seqio_rate:.2f}x. Cache: {cache_tokens} tokens, "
-              f"{size / 2**20:.1f} MiB")
+        print(f"cache build ({a.build_workers} workers): {build_rate:.0f} tokens/s; seqio "
+              f"tokenisation (1 process, {a.seqio_tasks} tasks): {seqio_rate:.0f} tokens/s; "
+              f"ratio {build_rate / seqio_rate:.2f}x ({cache_tokens} tokens cached)", flush=True)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir)
+               for f in fs)
 
-        rows = []
-        for r in range(a.repeats):
-            cache_rate = time_cache(cache_dir, a.workers, a.batches, bs, length)
-            seqio = time_seqio(a.seqio_batches, bs, length)
-            ours = time_ours(a.seqio_batches, bs, length) if r == 0 else rows[0][2]
-            rows.append((cache_rate, seqio, ours))
-            print(f"round {r}: cache {cache_rate[0]:.0f}, seqio {seqio[0]:.0f}, "
-                  f"data.batches {ours[0]:.0f} tokens/s; cache/seqio "
-                  f"{cache_rate[0] / seqio[0]:.1f}x", flush=True)
-        cache_med = statistics.median(r[0][0] for r in rows)
-        seqio_med = statistics.median(r[1][0] for r in rows)
-        ratios = [r[0][0] / r[1][0] for r in rows]
-        print(f"packed tokens/s, t0_train, {bs} x {length}, median of {a.repeats}: cache "
-              f"pipeline ({a.workers} worker(s)) {cache_med:.0f}; seqio PrefixLM pack=True "
-              f"{seqio_med:.0f}; data.batches {rows[0][2][0]:.0f}")
-        print(f"ratio cache/seqio: {statistics.median(ratios):.1f}x (per round "
-              f"{', '.join(f'{x:.1f}' for x in ratios)}); cache/data.batches "
-              f"{cache_med / rows[0][2][0]:.1f}x")
-        print(f"non-padding fraction: cache {rows[0][0][1]:.4f}, seqio {rows[0][1][1]:.4f}, "
-              f"data.batches {rows[0][2][1]:.4f}")
-        print(f"peak RSS while streaming {a.batches} batches: {max(r[0][2] for r in rows):.0f} "
-              f"MiB anonymous, {max(r[0][3] for r in rows):.0f} MiB file-backed (page cache "
-              f"of the memory map); cache on disk {size / 2**20:.1f} MiB")
+    firsts = []
+    for _ in range(0 if a.skip_first_batch else a.repeats):
+        firsts.append((first_batch(cache_dir, a.workers, bs, length, 0),
+                       first_batch(cache_dir, a.workers, bs, length, 100_000)))
+        print(f"first batch: step 0 {firsts[-1][0]:.2f} s, step 100,000 {firsts[-1][1]:.2f} s",
+              flush=True)
+    if firsts:
+        print(f"time to first batch, median of {len(firsts)}: step 0 "
+              f"{statistics.median(f[0] for f in firsts):.2f} s, step 100,000 "
+              f"{statistics.median(f[1] for f in firsts):.2f} s, ratio "
+              f"{statistics.median(f[1] / f[0] for f in firsts):.2f}x", flush=True)
 
-        firsts = [(first_batch(cache_dir, a.workers, bs, length, 0),
-                   first_batch(cache_dir, a.workers, bs, length, 100_000))
-                  for _ in range(a.repeats)]
-        at0 = statistics.median(f[0] for f in firsts)
-        at100k = statistics.median(f[1] for f in firsts)
-        print(f"time to first batch: step 0 {at0:.2f} s, step 100,000 {at100k:.2f} s, ratio "
-              f"{statistics.median(f[1] / f[0] for f in firsts):.2f}x (median of {a.repeats})")
+    rounds = []
+    for r in range(a.repeats):
+        cache_rate = time_cache(cache_dir, a.workers, a.batches, bs, length)
+        seqio = time_seqio(a.seqio_batches, bs, length)
+        rounds.append((cache_rate, seqio))
+        print(f"round {r}: cache {cache_rate[0]:.0f} tokens/s (non-padding "
+              f"{cache_rate[1]:.4f}, {cache_rate[2]:.0f} MiB anonymous, {cache_rate[3]:.0f} "
+              f"MiB file-backed), seqio {seqio[0]:.0f} tokens/s (non-padding {seqio[1]:.4f}); "
+              f"cache/seqio {cache_rate[0] / seqio[0]:.1f}x", flush=True)
+    ours = time_ours(8, bs, length)
+    cache_med = statistics.median(r[0][0] for r in rounds)
+    print(f"packed tokens/s, t0_train, {bs} x {length}, median of {a.repeats}: cache pipeline "
+          f"({a.workers} worker(s)) {cache_med:.0f}; seqio PrefixLM pack=True "
+          f"{statistics.median(r[1][0] for r in rounds):.0f}; data.batches {ours[0]:.0f} "
+          f"(non-padding {ours[1]:.4f})")
+    print(f"ratio cache/seqio: {statistics.median(r[0][0] / r[1][0] for r in rounds):.1f}x; "
+          f"cache/data.batches {cache_med / ours[0]:.1f}x")
+    print(f"peak RSS while streaming {a.batches} batches (this process and its workers): "
+          f"{max(r[0][2] for r in rounds):.0f} MiB anonymous, {max(r[0][3] for r in rounds):.0f}"
+          f" MiB file-backed; cache on disk {size / 2**20:.1f} MiB", flush=True)
 
-        fed, constant = train_loop_ratio(cache_dir, a.workers)
-        print(f"train loop (tiny LLaMA, CPU, 16 x 512): step {fed * 1e3:.1f} ms fed by the "
-              f"pipeline, {constant * 1e3:.1f} ms fed a constant batch: ratio "
-              f"{fed / constant:.3f}x")
+    fed, constant = train_loop_ratio(cache_dir, a.workers)
+    print(f"train loop (tiny LLaMA, CPU, 16 x 512): step {fed * 1e3:.1f} ms fed by the "
+          f"pipeline, {constant * 1e3:.1f} ms fed a constant batch: ratio {fed / constant:.3f}x")
 
 
 if __name__ == "__main__":
