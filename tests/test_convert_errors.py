@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtllama_jax.convert import cli, delta
-from test_convert_hf import make_hf, tokenizer_model  # noqa: F401 (fixture)
+from conftest import make_hf
 
 
 def convert_fails(capsys, *argv) -> str:
