@@ -308,8 +308,8 @@ def write_step_manifest(folder: str) -> None:
     try:
         files = {rel: {"sha256": _sha256(path), "size": os.path.getsize(path)}
                  for rel, path in sorted(_step_files(folder).items())}
-        _atomic_write(os.path.join(folder, STEP_MANIFEST),
-                      json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+        atomic.write_text(os.path.join(folder, STEP_MANIFEST),
+                          json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
     except FileNotFoundError:
         return
 
