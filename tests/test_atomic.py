@@ -47,14 +47,15 @@ def test_every_atomic_writer_gives_a_plain_open_files_mode(tmp_path, umask):
 
     model_dir = tmp_path / "model"
     checkpoints.write_model_dir_files(str(model_dir), LlamaConfig.tiny(), [str(src)], "x = 1")
-    (model_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (model_dir / "metrics.jsonl").write_text(
+        '{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n')
     (model_dir / "metrics.jsonl").chmod(want)
     metrics.truncate_jsonl(str(model_dir / "metrics.jsonl"), 1)
     written += [f"model/{n}" for n in ("config.json", "tokenizer.model", "config.gin",
                                        "metrics.jsonl")]
     assert {name: oct(mode(tmp_path / name)) for name in written} == {
         name: oct(want) for name in written}
-    assert (model_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (model_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
