@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from mtllama_jax import launch
+
 SHORTHANDS = ("mixture_or_task_name", "split", "out")
 
 
@@ -38,23 +40,15 @@ def cache(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """T5X-style flags plus the three shorthands."""
-    parser = argparse.ArgumentParser(prog="mtllama-cache", description=__doc__.split("\n")[0])
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    """The jobs' T5X-style flags (`launch.job_parser`) plus the three shorthands."""
+    parser = launch.job_parser("mtllama-cache", __doc__.split("\n")[0])
     for name in SHORTHANDS:
         parser.add_argument(f"--{name}", help=f"shorthand for --gin.cache.{name}")
-    args, rest = parser.parse_known_args(argv)
-    bindings = []
-    for item in rest:
-        if not item.startswith("--gin.") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
-        bindings.append(item[len("--gin."):].replace("=", " = ", 1))
+    args = launch.parse_job_flags(parser, argv)
     for name in SHORTHANDS:
         value = getattr(args, name)
         if value is not None:
-            bindings.append(f"cache.{name} = {value!r}")
-    args.gin_bindings = bindings
+            args.gin_bindings.append(f"cache.{name} = {value!r}")
     return args
 
 
@@ -63,13 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
     from mtllama_jax.data.build import job_settings  # noqa: F401  registers `cache.*`
     from mtllama_jax.data.cache import CacheError
-    from mtllama_jax.launch import parse_gin
 
-    search = [p for p in args.gin_search_paths.split(",") if p]
     try:
-        parse_gin(args.gin_file, args.gin_bindings, search)
+        launch.parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
         manifest = cache(gin_files=args.gin_file, gin_bindings=args.gin_bindings,
-                         gin_search_paths=search)
+                         gin_search_paths=args.search_paths)
     except (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError) as e:
         print(f"mtllama-cache: error: {e}", file=sys.stderr)
         return 2

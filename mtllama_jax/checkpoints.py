@@ -31,7 +31,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time

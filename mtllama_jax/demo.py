@@ -177,14 +177,12 @@ def demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = train.parse_flags(sys.argv[1:] if argv is None else argv)
-    import mtllama_jax.eval  # noqa: F401  registers zero_shot_evaluator for zero_shot_hook
+    parser = launch.job_parser("mtllama-demo", __doc__.split("\n")[0])
+    args = launch.parse_job_flags(parser, sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
-    search = [p for p in args.gin_search_paths.split(",") if p]
-
     def job():
-        launch.parse_gin(args.gin_file, args.gin_bindings, search)
+        launch.parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
         demo()
 
     return exits.run_main("mtllama-demo", job)

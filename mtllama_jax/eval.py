@@ -12,12 +12,12 @@ output folder and prints the tables.
 A checkpoint is a folder with `config.json` and `tokenizer.model`: a training
 MODEL_DIR (its latest step, or `step`) or a converted folder (`mtllama-convert
 hf-to-jax`). The registered tasks are tokenised with that `tokenizer.model`.
-`zero_shot_evaluator` is the same evaluation as the training loop's hook.
+The training loop's hook (`gin_configurables.zero_shot_evaluator`) runs the same
+evaluation.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     """
     from mtllama_jax import checkpoint_folder
     from mtllama_jax.gin_configurables import check_argument_types
-    from mtllama_jax.train import mesh
+    from mtllama_jax.gin_configurables import mesh
 
     check_argument_types("evaluate_checkpoint", evaluate_checkpoint, locals())
     if jax.process_index() == 0:  # before the evaluation, not after it
@@ -113,53 +113,13 @@ def write_outputs(results: dict, output_dir: str, label: str) -> str:
     return table
 
 
-@gin.configurable
-def zero_shot_evaluator(
-    mixture_or_task_names: Sequence[str] = gin.REQUIRED,
-    protocols: Sequence[str] = evaluation.PROTOCOLS,
-    split: str = "validation",
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    max_examples: int | None = 200,
-):
-    """The training loop's zero-shot hook: `zero_shot_hook.evaluate = @zero_shot_evaluator()`.
-
-    Uses the registered tasks' vocabulary; arguments as for `evaluate_checkpoint`.
-    """
-    from mtllama_jax import vocab
-
-    options = evaluation.EvalOptions(
-        protocols=tuple(protocols), split=split, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, max_examples=max_examples,
-    )
-    return evaluation.train_hook(mixture_or_task_names, vocab.configured_vocabulary(), options)
-
-
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """--gin_file (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths, --verbose."""
-    parser = argparse.ArgumentParser(prog="mtllama-eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
-    launch.add_verbose_flag(parser)
-    args, rest = parser.parse_known_args(argv)
-    launch.configure_logs(args.verbose)
-    args.gin_bindings = []
-    for item in rest:
-        if not item.startswith("--gin.") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
-        args.gin_bindings.append(item[len("--gin."):].replace("=", " = ", 1))
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from mtllama_jax.launch import parse_gin
-
-    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    parser = launch.job_parser("mtllama-eval", __doc__.split("\n")[0])
+    args = launch.parse_job_flags(parser, sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     def job():
-        parse_gin(args.gin_file, args.gin_bindings,
-                  [p for p in args.gin_search_paths.split(",") if p])
+        launch.parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
         try:
             results = evaluate_checkpoint()
         except evaluation.MissingData as e:  # fail_on_missing

@@ -8,6 +8,7 @@ import collections.abc
 import pathlib
 import types
 import typing
+from typing import Sequence
 
 import gin
 
@@ -107,3 +108,26 @@ def _example(hint) -> str:
     first = _options(hint)[0]
     return {int: "16", float: "0.1", bool: "True", str: "\"'text'\""}.get(
         first, "\"['a', 'b']\"")
+
+
+@gin.configurable
+def zero_shot_evaluator(
+    mixture_or_task_names: Sequence[str] = gin.REQUIRED,
+    protocols: Sequence[str] | None = None,
+    split: str = "validation",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    max_examples: int | None = 200,
+):
+    """The training loop's zero-shot hook: `zero_shot_hook.evaluate = @zero_shot_evaluator()`.
+
+    Uses the registered tasks' vocabulary; arguments as for `evaluate_checkpoint`
+    (`protocols` None: every protocol). seqio and TF are imported only when it is built.
+    """
+    from mtllama_jax import evaluation, vocab
+
+    options = evaluation.EvalOptions(
+        protocols=tuple(protocols or evaluation.PROTOCOLS), split=split, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, max_examples=max_examples,
+    )
+    return evaluation.train_hook(mixture_or_task_names, vocab.configured_vocabulary(), options)

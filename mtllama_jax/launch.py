@@ -29,6 +29,40 @@ from mtllama_jax.gin_configurables import GIN_DIR
 _OWN_LEVEL_LOGGERS = ("absl", "tensorflow", "transformers", "jax", "orbax")
 
 
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A job's parser with the T5X-style flags every gin job takes.
+
+    `--gin_file` (repeatable), `--gin_search_paths` (comma-separated), `--verbose`;
+    `--gin.NAME=VALUE` bindings are collected by `parse_job_flags`.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    add_verbose_flag(parser)
+    return parser
+
+
+def parse_job_flags(parser: argparse.ArgumentParser,
+                    argv: Sequence[str]) -> argparse.Namespace:
+    """Parses a `job_parser`'s flags, quiets other libraries' logs, collects the bindings.
+
+    The result has `gin_bindings` (gin's `NAME = VALUE` lines) and `search_paths`
+    (the folders of `--gin_search_paths`).
+    """
+    args, rest = parser.parse_known_args(argv)
+    configure_logs(args.verbose)
+    args.gin_bindings = []
+    for item in rest:
+        if not item.startswith("--gin."):
+            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
+        binding = item[len("--gin."):]
+        if "=" not in binding:
+            parser.error(f"{item!r}: a binding is --gin.NAME=VALUE")
+        args.gin_bindings.append(binding.replace("=", " = ", 1))
+    args.search_paths = [p for p in args.gin_search_paths.split(",") if p]
+    return args
+
+
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     """Adds `--verbose` (other libraries' log messages too) to a job's parser."""
     parser.add_argument("--verbose", action="store_true",

@@ -393,28 +393,14 @@ def _no_data_message(name: str, split: str) -> str:
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths, --verbose."""
-    parser = argparse.ArgumentParser(prog="mtllama-train", description=__doc__.split("\n")[0])
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
+    """The jobs' T5X-style flags (`launch.job_parser`) plus the multi-host ones."""
+    parser = launch.job_parser("mtllama-train", __doc__.split("\n")[0])
     parser.add_argument("--multihost", action="store_true",
                         help="jax.distributed.initialize() from the cluster environment")
     parser.add_argument("--coordinator_address", help="host:port of process 0")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
-    launch.add_verbose_flag(parser)
-    args, rest = parser.parse_known_args(argv)
-    launch.configure_logs(args.verbose)
-    bindings = []
-    for item in rest:
-        if not item.startswith("--gin."):
-            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
-        binding = item[len("--gin."):]
-        if "=" not in binding:
-            parser.error(f"{item!r}: a binding is --gin.NAME=VALUE")
-        bindings.append(binding.replace("=", " = ", 1))
-    args.gin_bindings = bindings
-    return args
+    return launch.parse_job_flags(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,13 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.coordinator_address or args.multihost:
         jax.distributed.initialize(args.coordinator_address, args.num_processes,
                                    args.process_id)
-    import mtllama_jax.eval  # noqa: F401  registers zero_shot_evaluator for zero_shot_hook
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
-    search = [p for p in args.gin_search_paths.split(",") if p]
-
     def job():
-        parse_gin(args.gin_file, args.gin_bindings, search)
+        parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
         reason = train()
         print(f"mtllama-train: {_ENDINGS[reason][1]}", file=sys.stderr)
         return _ENDINGS[reason][0]

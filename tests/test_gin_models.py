@@ -3,7 +3,7 @@
 import gin
 import pytest
 
-from mtllama_jax import train
+from mtllama_jax import launch
 from mtllama_jax.gin_configurables import GIN_DIR, model_config_from_gin
 
 PUBLISHED_PARAMS = {
@@ -23,7 +23,7 @@ PUBLISHED_PARAMS = {
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMS))
 def test_preset_parameter_count(preset):
     gin.clear_config()
-    train.parse_gin([f"models/{preset}.gin"], [])  # the jobs' lookup: includes found on disk
+    launch.parse_gin([f"models/{preset}.gin"], [])  # the jobs' lookup: includes found on disk
     config = model_config_from_gin()
     gin.clear_config()
     assert config.num_params == PUBLISHED_PARAMS[preset]
