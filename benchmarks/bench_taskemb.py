@@ -37,7 +37,8 @@ import gin
 import jax
 import seqio
 
-from mtllama_jax import data, decoding, evaluation, optim, partitioning, taskemb, trainer
+from mtllama_jax import (atomic, data, decoding, evaluation, optim, partitioning, taskemb,
+                         taskemb_analysis, trainer)
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.tasks import synthetic
 
@@ -82,15 +83,15 @@ def clusters_figure(embedder, params, init_params, tasks, n, seed, out_dir):
     emb["data (untrained surrogate)"] = taskemb.embed_tasks(
         embedder, init_params, tasks, methods=("data",), num_examples=n, seed=seed,
         progress=False)["data"]
-    truth = taskemb.true_clusters(tasks)
+    truth = taskemb_analysis.true_clusters(tasks)
     out = {}
     for method, by_task in emb.items():
-        names, sim = taskemb.cosine_similarity({t: e.vector for t, e in by_task.items()})
-        labels = taskemb.cluster(sim, len(set(truth.values())))
-        out[method] = taskemb.adjusted_rand([truth[t] for t in names], labels)
+        names, sim = taskemb_analysis.cosine_similarity({t: e.vector for t, e in by_task.items()})
+        labels = taskemb_analysis.cluster(sim, len(set(truth.values())))
+        out[method] = taskemb_analysis.adjusted_rand([truth[t] for t in names], labels)
         if out_dir:
             slug = method.split(" ")[0] + ("_untrained" if "untrained" in method else "")
-            taskemb.heatmap(names, sim, truth, os.path.join(out_dir, f"similarity_{slug}.png"),
+            taskemb_analysis.heatmap(names, sim, truth, os.path.join(out_dir, f"similarity_{slug}.png"),
                             f"{method} embedding (seed {seed})")
     return out, emb
 
@@ -100,7 +101,7 @@ def prompts_figure(embedder, model, params, tasks, n, seed):
     emb = taskemb.embed_tasks(embedder, params, tasks, methods=("data", "model"),
                               num_examples=n, seed=seed, answer=model.answer, progress=False)
     accuracy = model.accuracy(tasks, "validation")
-    return taskemb.prompt_selection(emb, accuracy, seed)
+    return taskemb_analysis.prompt_selection(emb, accuracy, seed)
 
 
 def mixture_figure(step_fn, data_emb, k, steps, seed, model_for, save):
@@ -110,7 +111,7 @@ def mixture_figure(step_fn, data_emb, k, steps, seed, model_for, save):
     out = {}
     for cluster in synthetic.HELD_OUT_CLUSTERS:
         target = synthetic.task_name(cluster, 0)
-        picks = taskemb.select_mixture(target, vectors, candidates, k, seed)
+        picks = taskemb_analysis.select_mixture(target, vectors, candidates, k, seed)
         templates = [synthetic.task_name(cluster, t)
                      for t in range(synthetic.num_templates(cluster))]
         row = {"picks": picks}
@@ -139,7 +140,7 @@ def run_seed(seed, args, mesh, rules, step_fns, decoder, vocabulary):
 
     def save():
         result["seconds"] = time.perf_counter() - started
-        taskemb.write_atomic(os.path.join(args.out, f"results_seed{seed}.json"),
+        atomic.write_text(os.path.join(args.out, f"results_seed{seed}.json"),
                              json.dumps({str(seed): result}, indent=1) + "\n")
 
     surrogate = train(step_fns["surrogate"], "synthetic_train", args.surrogate_steps, seed)

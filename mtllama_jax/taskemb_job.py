@@ -23,9 +23,7 @@ Every output is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 from typing import Sequence
@@ -34,8 +32,9 @@ import gin
 import jax
 import numpy as np
 
-from mtllama_jax import checkpoint_folder, decoding, evaluation, partitioning, taskemb
-from mtllama_jax.gin_configurables import GIN_DIR, mesh
+from mtllama_jax import (atomic, checkpoint_folder, decoding, evaluation, launch, partitioning,
+                         taskemb, taskemb_analysis)
+from mtllama_jax.gin_configurables import mesh
 
 MODES = ("similarity", "prompts", "mixture")
 
@@ -99,6 +98,7 @@ def job(
     """
     if mode not in MODES:
         raise ValueError(f"taskemb.mode={mode!r}: choose one of {MODES}")
+    os.makedirs(output_dir, exist_ok=True)
     mesh_, rules = mesh()
     config, params, tokenizer = open_surrogate(checkpoint, mesh_, rules, step)
     _point_tasks_at(tokenizer)
@@ -132,22 +132,22 @@ def job(
     primary = jax.process_index() == 0
     if primary:
         for method, by_task in embeddings.items():
-            taskemb.write_npz(os.path.join(output_dir, f"embeddings_{method}.npz"),
+            taskemb_analysis.write_npz(os.path.join(output_dir, f"embeddings_{method}.npz"),
                               {t: e.vector for t, e in by_task.items()})
     if mode == "similarity":
         report["methods"] = similarity(output_dir, embeddings, nearest_k, write=primary)
     elif mode == "prompts":
         accuracy = model.accuracy(tasks, eval_split, eval_examples)
-        report["prompts"] = taskemb.prompt_selection(embeddings, accuracy, seed)
+        report["prompts"] = taskemb_analysis.prompt_selection(embeddings, accuracy, seed)
     else:
         vectors = {t: e.vector for t, e in embeddings["data"].items()}
-        report |= {"target": target, "k": k} | taskemb.select_mixture(target, vectors, pool, k,
+        report |= {"target": target, "k": k} | taskemb_analysis.select_mixture(target, vectors, pool, k,
                                                                       seed)
-        report["distances"] = {t: taskemb.distance(vectors[target], vectors[t]) for t in pool}
+        report["distances"] = {t: taskemb_analysis.distance(vectors[target], vectors[t]) for t in pool}
     if primary:
-        taskemb.write_atomic(os.path.join(output_dir, "report.json"),
+        atomic.write_text(os.path.join(output_dir, "report.json"),
                              json.dumps(report, indent=1) + "\n")
-        taskemb.write_atomic(os.path.join(output_dir, "report.md"), taskemb.markdown(report))
+        atomic.write_text(os.path.join(output_dir, "report.md"), taskemb_analysis.markdown(report))
     return report
 
 
@@ -174,65 +174,37 @@ def similarity(output_dir: str, embeddings, nearest_k: int, write: bool = True) 
     """Per method: similarity matrix (.tsv) and heatmap (.png), nearest tasks, ARI."""
     out = {}
     for method, by_task in embeddings.items():
-        names, sim = taskemb.cosine_similarity({t: e.vector for t, e in by_task.items()})
-        clusters = taskemb.true_clusters(names)
-        result = {"nearest": taskemb.nearest(names, sim, nearest_k)}
+        names, sim = taskemb_analysis.cosine_similarity({t: e.vector for t, e in by_task.items()})
+        clusters = taskemb_analysis.true_clusters(names)
+        result = {"nearest": taskemb_analysis.nearest(names, sim, nearest_k)}
         known = [n for n in names if n in clusters]
         if len(set(clusters.values())) >= 2:
             idx = [names.index(n) for n in known]
-            labels = taskemb.cluster(sim[np.ix_(idx, idx)], len(set(clusters.values())))
-            result["ari"] = taskemb.adjusted_rand([clusters[n] for n in known], labels)
+            labels = taskemb_analysis.cluster(sim[np.ix_(idx, idx)], len(set(clusters.values())))
+            result["ari"] = taskemb_analysis.adjusted_rand([clusters[n] for n in known], labels)
             result["clustered_tasks"] = len(known)
         if write:
-            taskemb.write_atomic(os.path.join(output_dir, f"similarity_{method}.tsv"),
-                                 taskemb.similarity_tsv(names, sim))
-            taskemb.heatmap(names, sim, clusters, os.path.join(output_dir,
+            atomic.write_text(os.path.join(output_dir, f"similarity_{method}.tsv"),
+                                 taskemb_analysis.similarity_tsv(names, sim))
+            taskemb_analysis.heatmap(names, sim, clusters, os.path.join(output_dir,
                                                                f"similarity_{method}.png"),
                             title=f"{method} embedding: cosine similarity")
         out[method] = result
     return out
 
 
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """--gin_file (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths."""
-    parser = argparse.ArgumentParser(prog="mtllama-taskemb", description=__doc__.split("\n")[0])
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders")
-    args, rest = parser.parse_known_args(argv)
-    args.gin_bindings = []
-    for item in rest:
-        if not item.startswith("--gin.") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
-        args.gin_bindings.append(item[len("--gin."):].replace("=", " = ", 1))
-    return args
-
-
-def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]):
-    """Gin files (looked up in the search paths, then the package's gin/) and bindings."""
-    for path in [*search_paths, str(GIN_DIR)]:
-        gin.add_config_file_search_path(path)
-    logging.disable(logging.ERROR)  # gin logs every search-path miss as an error
-    try:
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-    except OSError as e:
-        raise FileNotFoundError(f"{e}; gin files are looked up in --gin_search_paths and "
-                                f"{GIN_DIR}") from None
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    parser = launch.job_parser("mtllama-taskemb", __doc__.split("\n")[0])
+    args = launch.parse_job_flags(parser, sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     try:
-        parse_gin(args.gin_file, args.gin_bindings,
-                  [p for p in args.gin_search_paths.split(",") if p])
+        launch.parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
         report = job()
     except (ValueError, FileNotFoundError) as e:
         print(f"mtllama-taskemb: error: {e}", file=sys.stderr)
         return 2
-    print(taskemb.markdown(report))
+    print(taskemb_analysis.markdown(report))
     return 0
 
 

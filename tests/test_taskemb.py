@@ -12,7 +12,8 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from mtllama_jax import checkpoint_folder, data, decoding, losses, partitioning, taskemb
+from mtllama_jax import (atomic, checkpoint_folder, data, decoding, losses, partitioning, taskemb,
+                         taskemb_analysis)
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.model import LlamaForCausalLM
 from mtllama_jax.tasks import synthetic
@@ -86,8 +87,8 @@ def test_identical_tasks_distance_zero_relabelled_copy_nearer_than_other_task():
     same = taskemb.data_embedding(embedder, params, list(sentiment)).vector
     copy = taskemb.data_embedding(embedder, params, relabelled).vector
     other = taskemb.data_embedding(embedder, params, topic).vector
-    assert taskemb.distance(a, same) == pytest.approx(0.0, abs=1e-9)
-    assert taskemb.distance(a, copy) < taskemb.distance(a, other)
+    assert taskemb_analysis.distance(a, same) == pytest.approx(0.0, abs=1e-9)
+    assert taskemb_analysis.distance(a, copy) < taskemb_analysis.distance(a, other)
     np.testing.assert_allclose(np.linalg.norm(a), 1.0)
 
 
@@ -124,21 +125,21 @@ def test_model_embedding_of_a_perfect_model_equals_data_embedding():
     model_emb = taskemb.model_embedding(embedder, params, pairs, answers).vector
     np.testing.assert_allclose(model_emb, data_emb, rtol=1e-6, atol=1e-9)
     wrong = taskemb.model_embedding(embedder, params, pairs, [[30, 2], [31, 2], [32, 2]]).vector
-    assert taskemb.distance(wrong, data_emb) > 1e-4
+    assert taskemb_analysis.distance(wrong, data_emb) > 1e-4
 
 
 def test_outputs_are_written_atomically_with_the_umask(tmp_path):
     names = ["synthetic_topic_t0", "synthetic_sentiment_t0", "synthetic_sentiment_t1"]
     sim = np.array([[1.0, 0.2, 0.3], [0.2, 1.0, 0.9], [0.3, 0.9, 1.0]])
-    clusters = taskemb.true_clusters(names)
+    clusters = taskemb_analysis.true_clusters(names)
     assert clusters == {"synthetic_topic_t0": "topic", "synthetic_sentiment_t0": "sentiment",
                         "synthetic_sentiment_t1": "sentiment"}
     png = tmp_path / "similarity.png"
     old = os.umask(0o027)
     try:
-        taskemb.heatmap(names, sim, clusters, str(png), "test")
-        taskemb.write_atomic(str(tmp_path / "report.md"), "# report\n")
-        taskemb.write_npz(str(tmp_path / "e.npz"), {n: sim[i] for i, n in enumerate(names)})
+        taskemb_analysis.heatmap(names, sim, clusters, str(png), "test")
+        atomic.write_text(str(tmp_path / "report.md"), "# report\n")
+        taskemb_analysis.write_npz(str(tmp_path / "e.npz"), {n: sim[i] for i, n in enumerate(names)})
     finally:
         os.umask(old)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -147,7 +148,7 @@ def test_outputs_are_written_atomically_with_the_umask(tmp_path):
     assert sorted(np.load(tmp_path / "e.npz").files) == sorted(names)
     before = png.read_bytes()
     with pytest.raises(IndexError):  # fails while drawing: the old file stays, no temp left
-        taskemb.heatmap(names + ["synthetic_topic_t1"], sim, clusters, str(png), "test")
+        taskemb_analysis.heatmap(names + ["synthetic_topic_t1"], sim, clusters, str(png), "test")
     assert png.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["e.npz", "report.md", "similarity.png"]
 
@@ -155,15 +156,15 @@ def test_outputs_are_written_atomically_with_the_umask(tmp_path):
 def test_uses_nearest_clusters_ari_mixture_and_prompt_selection():
     names = ["a0", "a1", "b0", "b1"]
     sim = np.array([[1, .9, .1, .2], [.9, 1, .2, .1], [.1, .2, 1, .8], [.2, .1, .8, 1.]])
-    assert taskemb.nearest(names, sim, 1) == {"a0": [("a1", 0.9)], "a1": [("a0", 0.9)],
+    assert taskemb_analysis.nearest(names, sim, 1) == {"a0": [("a1", 0.9)], "a1": [("a0", 0.9)],
                                               "b0": [("b1", 0.8)], "b1": [("b0", 0.8)]}
-    labels = taskemb.cluster(sim, 2)
-    assert taskemb.adjusted_rand(["a", "a", "b", "b"], labels) == 1.0
+    labels = taskemb_analysis.cluster(sim, 2)
+    assert taskemb_analysis.adjusted_rand(["a", "a", "b", "b"], labels) == 1.0
     vectors = {"t": np.array([1.0, 0.0]), "near": np.array([0.9, 0.1]),
                "far": np.array([0.0, 1.0]), "mid": np.array([0.5, 0.5])}
-    picks = taskemb.select_mixture("t", vectors, list(vectors), 2, seed=0)
+    picks = taskemb_analysis.select_mixture("t", vectors, list(vectors), 2, seed=0)
     assert picks["nearest"] == ["near", "mid"] and len(picks["random"]) == 2
-    chosen = taskemb.select_prompt({"p0": 0.3, "p1": 0.1, "p2": 0.2},
+    chosen = taskemb_analysis.select_prompt({"p0": 0.3, "p1": 0.1, "p2": 0.2},
                                    {"p0": 50.0, "p1": 70.0, "p2": 90.0})
     assert (chosen["chosen"], chosen["oracle"]) == ("p1", "p2")
     assert chosen["mean_accuracy"] == pytest.approx(70.0)
@@ -171,7 +172,7 @@ def test_uses_nearest_clusters_ari_mixture_and_prompt_selection():
               "num_examples": 8, "split": "train", "seed": 0, "notes": ["few"],
               "prompts": {"nli": chosen | {"distances": {"p0": 0.3, "p1": 0.1, "p2": 0.2},
                                            "accuracy": {"p0": 50.0, "p1": 70.0, "p2": 90.0}}}}
-    text = taskemb.markdown(report)
+    text = taskemb_analysis.markdown(report)
     assert "| nli | p1 (70.0) | 70.0 |" in text and "* note: few" in text
     assert text.index("| p1 | 0.1000 |") < text.index("| p2 | 0.2000 |")
 
@@ -200,7 +201,7 @@ def test_bad_input_named_errors():
 
 
 def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
-    from mtllama_jax import taskemb_job
+    from mtllama_jax import launch, taskemb_job
 
     gin.clear_config()
 
@@ -211,7 +212,7 @@ def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
     os.rename(folder / "synthetic_spm.model", folder / "tokenizer.model")
     tasks = ["synthetic_sentiment_t0", "synthetic_sentiment_t1", "synthetic_topic_t0",
              "synthetic_topic_t1"]
-    taskemb_job.parse_gin(["mesh/fsdp.gin", "runs/taskemb.gin"], [
+    launch.parse_gin(["mesh/fsdp.gin", "runs/taskemb.gin"], [
         f"CHECKPOINT = '{folder}'", f"TASKEMB_DIR = '{tmp_path / 'out'}'",
         f"TASKEMB_TASKS = {tasks}", "taskemb.num_examples = 8", "taskemb.batch_size = 8"], [])
     report = taskemb_job.job()
@@ -235,7 +236,7 @@ def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
                         num_heads=4, num_kv_heads=2, head_dim=16)
     checkpoint_folder.save_params(other, jax.device_get(partitioning.init_params(
         small, mesh, rules, jax.random.key(0))), small)
-    taskemb_job.parse_gin([], [f"CHECKPOINT = '{other}'"], [])
+    launch.parse_gin([], [f"CHECKPOINT = '{other}'"], [])
     try:
         with pytest.raises(taskemb.VocabularyMismatch, match="vocab_size 512"):
             taskemb_job.job()
