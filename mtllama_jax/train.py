@@ -27,7 +27,8 @@ import gin
 import jax
 import numpy as np
 
-from mtllama_jax import checkpoints, exits, launch, metrics, optim, partitioning, run_lock, trainer
+from mtllama_jax import (checkpoints, exits, launch, metrics, optim, partitioning, preemption,
+                         run_lock, trainer)
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.gin_configurables import check_argument_types, mesh, model_config_from_gin
 from mtllama_jax.launch import parse_gin
@@ -148,7 +149,7 @@ def _run_locked(
         task_groups=task_groups,
     )
     try:
-        with checkpoints.PreemptionWatch() as watch:
+        with preemption.PreemptionWatch() as watch:
             state, reason = trainer.train_loop(
                 step_fn, state, source, num_steps, checkpoints=ckpt, writer=writer,
                 log_every=log_every_steps, eval_every=eval_every_steps, validation=validation,

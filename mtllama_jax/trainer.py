@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import losses, partitioning, train_state
-from mtllama_jax.checkpoints import Preempted
+from mtllama_jax.preemption import Preempted
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.model import LlamaForCausalLM
 
@@ -310,7 +310,7 @@ def train_loop(
     `metrics.MetricsWriter`) gets train metrics every `log_every` steps and
     validation (`validation()` batches) / `eval_hook(params, step)` results
     every `eval_every` steps. `waiting()` wraps each wait for data (a signal
-    there raises `checkpoints.Preempted`: the run saves and ends at once).
+    there raises `preemption.Preempted`: the run saves and ends at once).
     Under nonfinite="skip", `max_consecutive_skips` skipped steps in a row, or
     more than a `max_skipped_fraction` of this run's steps (judged from its
     20th), end it as "stop" would. Ends with "done", "preempted" or "nonfinite".

@@ -66,8 +66,8 @@ def test_a_signal_while_waiting_for_data_saves_and_ends_the_run(tmp_path):
 def test_a_second_signal_ends_the_process(tmp_path):
     script = textwrap.dedent("""
         import os, signal, sys, time
-        from mtllama_jax import checkpoints
-        with checkpoints.PreemptionWatch() as watch:
+        from mtllama_jax import preemption
+        with preemption.PreemptionWatch() as watch:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)
             assert watch.requested()
