@@ -77,6 +77,10 @@ def run(config: LlamaConfig, mesh_and_rules, optimizer_and_schedule, model_dir: 
     """Trains to `num_steps`, resuming from MODEL_DIR's latest checkpoint if any.
 
     `batches(start_step)` yields this process's rows for steps start_step, ...
+    When it returns an iterator with `orbax_save_args` (the cache's pipeline),
+    its position is saved with every checkpoint and restored on resume.
+    `task_names` (the batches' `task_ids` index them) turn on per-task loss,
+    summed per `task_groups` cluster as well.
     A fresh run starts from `init_checkpoint` (a params-only folder) or from
     random params drawn from `seed`. MODEL_DIR is locked for the run's life
     (`run_lock`): a second run on it is refused. Keyword arguments as
