@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -75,8 +74,12 @@ def generate(folder, config: LlamaConfig, seed: int) -> int:
 
 def run(mode, base, dlt, out) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    done = subprocess.run([sys.executable, "-c", CHILD, mode, base, dlt, out], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, base, dlt, out],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -85,8 +88,14 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench_convert")
     parser.add_argument("--layers", type=int, default=20)
     args = parser.parse_args()
-    shape = dict(hidden_size=2048, intermediate_size=5504, num_layers=args.layers, num_heads=16,
-                 num_kv_heads=16, head_dim=128)
+    shape = dict(
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_layers=args.layers,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+    )
     base_config = LlamaConfig(vocab_size=32000, **shape)
     delta_config = base_config.replace(vocab_size=32001)
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -94,20 +103,25 @@ def main() -> None:
     size = generate(base, base_config, 0)
     out_bytes = generate(dlt, delta_config, 1)
     largest = max(int(np.prod(t.hf_shape)) * 2 for t in hf_params.tensor_mappings(delta_config))
-    print(f"model: {size / 1e9:.2f} GB fp16 ({args.layers} layers), largest tensor "
-          f"{largest / 1e6:.0f} MB; bound 2 x largest + 0.5 GB = "
-          f"{(2 * largest + 0.5e9) / 1e6:.0f} MB (+ the interpreter's imports)")
+    print(
+        f"model: {size / 1e9:.2f} GB fp16 ({args.layers} layers), largest tensor "
+        f"{largest / 1e6:.0f} MB; bound 2 x largest + 0.5 GB = "
+        f"{(2 * largest + 0.5e9) / 1e6:.0f} MB (+ the interpreter's imports)"
+    )
     rows = {}
     for mode in ("streaming", "load-everything"):
         rows[mode] = run(mode, base, dlt, os.path.join(args.workdir, mode))
-    print(f"{'apply-delta':<18}{'peak RSS MB':>12}{'after imports':>14}{'seconds':>10}"
-          f"{'MB/s':>8}")
+    print(f"{'apply-delta':<18}{'peak RSS MB':>12}{'after imports':>14}{'seconds':>10}{'MB/s':>8}")
     for mode, r in rows.items():
-        print(f"{mode:<18}{r['peak_rss_mb']:>12.0f}{r['import_rss_mb']:>14.0f}"
-              f"{r['seconds']:>10.1f}{out_bytes / 1e6 / r['seconds']:>8.0f}")
+        print(
+            f"{mode:<18}{r['peak_rss_mb']:>12.0f}{r['import_rss_mb']:>14.0f}"
+            f"{r['seconds']:>10.1f}{out_bytes / 1e6 / r['seconds']:>8.0f}"
+        )
     s, ref = rows["streaming"], rows["load-everything"]
-    print(f"ratio streaming / load-everything: peak RSS {s['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
-          f", speed {ref['seconds'] / s['seconds']:.2f}x")
+    print(
+        f"ratio streaming / load-everything: peak RSS {s['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
+        f", speed {ref['seconds'] / s['seconds']:.2f}x"
+    )
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 

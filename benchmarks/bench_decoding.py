@@ -26,9 +26,16 @@ from mtllama_jax.model import LlamaForCausalLM
 
 # Wide and shallow, so that, as for a 7B model, reading the weights dominates a step and the
 # cache is a few percent of it (a toy model's step is dominated by its cache-length terms).
-CONFIG = LlamaConfig.tiny(vocab_size=8192, hidden_size=1024, intermediate_size=2816,
-                          num_layers=4, num_heads=8, num_kv_heads=8, head_dim=128,
-                          max_position_embeddings=512)
+CONFIG = LlamaConfig.tiny(
+    vocab_size=8192,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position_embeddings=512,
+)
 BUCKET = 32
 
 
@@ -47,15 +54,20 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=64, help="prompt length")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--reference", action="store_true",
-                        help="also time the no-cache reference (minutes on a CPU)")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the no-cache reference (minutes on a CPU)",
+    )
     args = parser.parse_args()
 
     model = LlamaForCausalLM(CONFIG)
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     rng = np.random.default_rng(0)
-    prompts = [[1] + rng.integers(3, CONFIG.vocab_size, args.prompt - 1).tolist()
-               for _ in range(args.batch)]
+    prompts = [
+        [1] + rng.integers(3, CONFIG.vocab_size, args.prompt - 1).tolist()
+        for _ in range(args.batch)
+    ]
     decoder = decoding.Decoder(CONFIG, length_bucket=BUCKET)
     forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
 
@@ -71,8 +83,10 @@ def main():
             nxt = np.asarray(jnp.argmax(forward(params, padded)[:, length - 1], -1))
             tokens = np.concatenate([tokens, nxt[:, None].astype(np.int32)], axis=1)
 
-    print(f"devices: {jax.devices()}; batch {args.batch}, prompt {args.prompt}, "
-          f"model {CONFIG.num_params / 1e6:.1f}M params, median of {args.repeats}")
+    print(
+        f"devices: {jax.devices()}; batch {args.batch}, prompt {args.prompt}, "
+        f"model {CONFIG.num_params / 1e6:.1f}M params, median of {args.repeats}"
+    )
     print("| method | 128 new (s) | 256 new (s) | 256/128 | ms per token at 256 |")
     print("|---|---|---|---|---|")
     methods = [("KV cache (Decoder.generate)", cached)]
@@ -83,13 +97,15 @@ def main():
         t128 = timed(lambda: fn(128), args.repeats)
         t256 = timed(lambda: fn(256), args.repeats)
         results[name] = (t128, t256)
-        print(f"| {name} | {t128:.3f} | {t256:.3f} | {t256 / t128:.2f}x | "
-              f"{1000 * t256 / 256:.2f} |")
+        print(
+            f"| {name} | {t128:.3f} | {t256:.3f} | {t256 / t128:.2f}x | {1000 * t256 / 256:.2f} |"
+        )
     c128, c256 = results[methods[0][0]]
     print(f"\nKV cache 256/128 = {c256 / c128:.2f}x (goal <= 2.2x)")
     if args.reference:
         r128, r256 = results[methods[1][0]]
         print(f"speed-up over recomputation at 256 new tokens: {r256 / c256:.1f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -33,9 +33,17 @@ from mtllama_jax.lm_eval_adapter import MtllamaLM
 
 TASKS = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "lm_eval")
 REQUESTS = ("fixture_mc", "fixture_gen", "fixture_rolling")
-HF_CONFIG = dict(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-                 bos_token_id=1, eos_token_id=2)
+HF_CONFIG = dict(
+    vocab_size=1000,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def build(root: str, docs: int):
@@ -51,21 +59,35 @@ def build(root: str, docs: int):
     with open(corpus, "w") as f:
         f.write("\n".join(text(12) + "." for _ in range(3000)))
     spm.SentencePieceTrainer.train(
-        input=corpus, model_prefix=os.path.join(root, "tokenizer"),
-        vocab_size=HF_CONFIG["vocab_size"], model_type="bpe", byte_fallback=True, unk_id=0,
-        bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2)
+        input=corpus,
+        model_prefix=os.path.join(root, "tokenizer"),
+        vocab_size=HF_CONFIG["vocab_size"],
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
     hf = os.path.join(root, "hf")
     model.save_pretrained(hf)
-    with open(os.path.join(root, "tokenizer.model"), "rb") as src, open(
-            os.path.join(hf, "tokenizer.model"), "wb") as dst:
+    with (
+        open(os.path.join(root, "tokenizer.model"), "rb") as src,
+        open(os.path.join(hf, "tokenizer.model"), "wb") as dst,
+    ):
         dst.write(src.read())
-    for name, content in (("special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>",
-                                                       "unk_token": "<unk>"}),
-                          ("tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer",
-                                                     "add_bos_token": True})):
+    for name, content in (
+        (
+            "special_tokens_map.json",
+            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        ),
+        ("tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}),
+    ):
         with open(os.path.join(hf, name), "w") as f:
             json.dump(content, f)
     ckpt, export = os.path.join(root, "ckpt"), os.path.join(root, "export")
@@ -75,13 +97,21 @@ def build(root: str, docs: int):
     data = os.path.join(root, "data")
     os.makedirs(data)
     rows = {
-        "mc": [{"question": text(int(rng.integers(20, 120))) + "?",
+        "mc": [
+            {
+                "question": text(int(rng.integers(20, 120))) + "?",
                 "choices": [text(int(rng.integers(1, 6))) for _ in range(4)],
-                "label": int(rng.integers(4))} for _ in range(docs)],
-        "gen": [{"prompt": text(int(rng.integers(10, 80))), "answer": "x"}
-                for _ in range(max(docs // 4, 1))],
-        "rolling": [{"text": text(int(rng.integers(100, 400))) + "."}
-                    for _ in range(max(docs // 8, 1))],
+                "label": int(rng.integers(4)),
+            }
+            for _ in range(docs)
+        ],
+        "gen": [
+            {"prompt": text(int(rng.integers(10, 80))), "answer": "x"}
+            for _ in range(max(docs // 4, 1))
+        ],
+        "rolling": [
+            {"text": text(int(rng.integers(100, 400))) + "."} for _ in range(max(docs // 8, 1))
+        ],
     }
     for name, items in rows.items():
         with open(os.path.join(data, f"{name}.jsonl"), "w") as f:
@@ -118,8 +148,7 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         ckpt, export, data = build(root, args.docs)
         ours = MtllamaLM(checkpoint=ckpt, dtype="float32", batch_size=args.batch_size)
-        theirs = HFLM(pretrained=export, dtype="float32", batch_size=args.batch_size,
-                      device="cpu")
+        theirs = HFLM(pretrained=export, dtype="float32", batch_size=args.batch_size, device="cpu")
         requests = task_requests(data)
         rows = []
         for task, reqs in requests.items():
@@ -128,16 +157,22 @@ def main():
                 times["ours"].append(seconds(ours, reqs))
                 times["hf"].append(seconds(theirs, reqs))
             rows.append((task, reqs[0].request_type, len(reqs), times))
-    print(f"{sum(p.size for p in jax.tree.leaves(ours.params)) / 1e6:.1f}M params, window "
-          f"{HF_CONFIG['max_position_embeddings']}, batch {args.batch_size}, fp32, "
-          f"{os.cpu_count()} CPU cores")
-    print("| task | requests | ours req/s (1st, with compiles) | ours req/s (warm) | "
-          "hf req/s (1st) | hf req/s (warm) | ours/hf (warm) |")
+    print(
+        f"{sum(p.size for p in jax.tree.leaves(ours.params)) / 1e6:.1f}M params, window "
+        f"{HF_CONFIG['max_position_embeddings']}, batch {args.batch_size}, fp32, "
+        f"{os.cpu_count()} CPU cores"
+    )
+    print(
+        "| task | requests | ours req/s (1st, with compiles) | ours req/s (warm) | "
+        "hf req/s (1st) | hf req/s (warm) | ours/hf (warm) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for task, kind, n, t in rows:
-        print(f"| {task} ({kind}) | {n} | {n / t['ours'][0]:.1f} | {n / t['ours'][1]:.1f} | "
-              f"{n / t['hf'][0]:.1f} | {n / t['hf'][1]:.1f} | "
-              f"**{t['hf'][1] / t['ours'][1]:.2f}x** |")
+        print(
+            f"| {task} ({kind}) | {n} | {n / t['ours'][0]:.1f} | {n / t['ours'][1]:.1f} | "
+            f"{n / t['hf'][0]:.1f} | {n / t['hf'][1]:.1f} | "
+            f"**{t['hf'][1] / t['ours'][1]:.2f}x** |"
+        )
 
 
 if __name__ == "__main__":

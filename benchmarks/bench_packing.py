@@ -6,6 +6,7 @@ examples short, a long tail of summarisation/QA contexts), at sequence length
 
     python benchmarks/bench_packing.py [--examples 20000] [--length 2048]
 """
+
 import argparse
 import time
 
@@ -29,11 +30,14 @@ def lognormal_examples(n, length, mu, sigma, seed=0):
 
 def seqio_fraction(examples, length):
     """seqio's DecoderFeatureConverter packing (inputs+targets as one sequence)."""
+
     def gen():
         for i, t in examples:
             yield {"targets": np.concatenate([i, t])}
+
     ds = tf.data.Dataset.from_generator(
-        gen, output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+        gen, output_signature={"targets": tf.TensorSpec([None], tf.int32)}
+    )
     packed = seqio.utils.trim_and_pack_dataset(ds, {"targets": length})
     rows = tokens = 0
     for ex in packed.as_numpy_iterator():
@@ -44,8 +48,15 @@ def seqio_fraction(examples, length):
 
 def ours_fraction(examples, length, buffer_size):
     stats = data.PackingStats(length)
-    rows = sum(1 for _ in data._counted(data.pack_rows(
-        iter(examples), length=length, eos_id=2, stats=stats, buffer_size=buffer_size), stats))
+    rows = sum(
+        1
+        for _ in data._counted(
+            data.pack_rows(
+                iter(examples), length=length, eos_id=2, stats=stats, buffer_size=buffer_size
+            ),
+            stats,
+        )
+    )
     return stats.non_padding_fraction, rows
 
 

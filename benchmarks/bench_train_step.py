@@ -33,12 +33,27 @@ from mtllama_jax.config import LlamaConfig  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(),  # LlamaConfig.tiny()
-    "small": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
-                  num_kv_heads=4, head_dim=32, vocab_size=4096),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=32,
+        vocab_size=4096,
+    ),
     # TinyLlama-1.1B dims: ~1.1B params, grouped-query attention.
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
-               num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=4096,
-               dtype="bfloat16"),
+    "1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -46,7 +61,8 @@ def make_batch(rows: int, length: int, vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab, (rows, length + 1)).astype(np.int32)
     return dict(
-        input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:],
+        input_tokens=tokens[:, :-1],
+        target_tokens=tokens[:, 1:],
         positions=np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
         segment_ids=np.ones((rows, length), np.int32),
         loss_weights=np.ones((rows, length), np.float32),
@@ -56,8 +72,12 @@ def make_batch(rows: int, length: int, vocab: int, seed: int = 0):
 def time_jax(config: LlamaConfig, batch, steps: int) -> float:
     """Median seconds per jitted train step on one device."""
     mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    t = trainer.Trainer(config, mesh, partitioning.logical_axis_rules("data"),
-                        optim.make_optimizer(1e-4, weight_decay=0.0, clip_norm=1.0))
+    t = trainer.Trainer(
+        config,
+        mesh,
+        partitioning.logical_axis_rules("data"),
+        optim.make_optimizer(1e-4, weight_decay=0.0, clip_norm=1.0),
+    )
     state = t.init_state(jax.random.key(0))
     global_batch = t.global_batch(batch)
     for _ in range(2):  # compile + warm up
@@ -111,14 +131,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=None, help="default 128 (CPU), 2048")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--attention", nargs="+", default=["xla"],
-                        choices=("xla", "cudnn", "pallas"))
+    parser.add_argument(
+        "--attention", nargs="+", default=["xla"], choices=("xla", "cudnn", "pallas")
+    )
     parser.add_argument("--remat", default="none")
     parser.add_argument("--no-torch", dest="torch", action="store_false")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     header = "| config | attention | batch x length | jax step ms | tokens/s | MFU |"
     if args.torch:
         header += " torch step ms | speedup |"
@@ -133,9 +156,11 @@ def main(argv=None):
             config = base.replace(attention=attention, remat=args.remat)
             jax_s = time_jax(config, batch, args.steps)
             util = metrics.mfu(config, length, tokens / jax_s, [device])
-            row = (f"| {name} ({config.num_params / 1e6:.1f}M) | {attention} | "
-                   f"{args.batch} x {length} | {jax_s * 1e3:.1f} | {tokens / jax_s:,.0f} | "
-                   f"{'n/a' if util is None else f'{util:.1%}'} |")
+            row = (
+                f"| {name} ({config.num_params / 1e6:.1f}M) | {attention} | "
+                f"{args.batch} x {length} | {jax_s * 1e3:.1f} | {tokens / jax_s:,.0f} | "
+                f"{'n/a' if util is None else f'{util:.1%}'} |"
+            )
             if args.torch:
                 torch_s = time_torch(config, batch, args.steps)
                 row += f" {torch_s * 1e3:.1f} | {torch_s / jax_s:.2f}x |"

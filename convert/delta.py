@@ -75,9 +75,12 @@ def _subtract(base16: np.ndarray, target16: np.ndarray, name: str) -> np.ndarray
             d[ok], fixed = cand[ok], fixed | ok
         delta.ravel()[bad] = d
         if not fixed.all():
-            print(f"make-delta: {int((~fixed).sum())} element(s) of {name} cannot be "
-                  "reproduced exactly in fp16 (base + delta rounds elsewhere); the plain "
-                  "difference is kept", file=sys.stderr)
+            print(
+                f"make-delta: {int((~fixed).sum())} element(s) of {name} cannot be "
+                "reproduced exactly in fp16 (base + delta rounds elsewhere); the plain "
+                "difference is kept",
+                file=sys.stderr,
+            )
     return delta
 
 
@@ -108,8 +111,10 @@ def _stream(base, other, out, op, max_shard_size, overwrite, role: str) -> None:
     for t in mappings:
         hf_params.check_hf_shape(t, other_w.shape(t.hf_name), other)
         if t.hf_name not in base_names:
-            raise ValueError(f"base {base} has no tensor {t.hf_name} (the {role} has); use "
-                             "the base model the delta was made from")
+            raise ValueError(
+                f"base {base} has no tensor {t.hf_name} (the {role} has); use "
+                "the base model the delta was made from"
+            )
         want = _resized(base_w.shape(t.hf_name), t.hf_name, config.vocab_size)
         if want != t.hf_shape:
             raise ValueError(
@@ -139,8 +144,9 @@ def _base_tokenizer_for(base: str, other: str, role: str) -> str | None:
     Raises naming the missing file, or the first piece where the vocabularies differ.
     """
     tokenizer_json = os.path.join(other, "tokenizer.json")
-    if (os.path.exists(os.path.join(other, checkpoint_folder.TOKENIZER))
-            or not os.path.exists(tokenizer_json)):
+    if os.path.exists(os.path.join(other, checkpoint_folder.TOKENIZER)) or not os.path.exists(
+        tokenizer_json
+    ):
         checkpoint_folder.tokenizer_path(other)  # raises naming tokenizer.model when missing
         return None
     taken = checkpoint_folder.tokenizer_path(base)
@@ -153,22 +159,36 @@ def _base_tokenizer_for(base: str, other: str, role: str) -> str | None:
     added = {i: piece for i, piece in ids.items() if i >= len(pieces)}
     differ = [i for i, piece in enumerate(pieces) if ids.get(i) != piece]
     if differ or added not in ({}, {len(pieces): "[PAD]"}):
-        what = (f"id {differ[0]} is {ids.get(differ[0])!r} there but {pieces[differ[0]]!r} in "
-                f"the base" if differ else f"it adds {sorted(added.items())[:3]} after the "
-                f"base's {len(pieces)} pieces")
+        what = (
+            f"id {differ[0]} is {ids.get(differ[0])!r} there but {pieces[differ[0]]!r} in the base"
+            if differ
+            else f"it adds {sorted(added.items())[:3]} after the base's {len(pieces)} pieces"
+        )
         raise ValueError(
             f"{role} {other} has no {checkpoint_folder.TOKENIZER} and its tokenizer.json is not "
             f"the base's vocabulary ({what}); copy the tokenizer.model the {role} was made with "
             f"into {other}"
         )
     extra = f", plus [PAD] {len(pieces)}" if added else ""
-    print(f"{role} {other} has no {checkpoint_folder.TOKENIZER} (tokenizer.json only, as "
-          f"FastChat 0.2 saves under transformers 5): took {taken}, whose {len(pieces)} pieces "
-          f"are tokenizer.json's{extra}", file=sys.stderr)
+    print(
+        f"{role} {other} has no {checkpoint_folder.TOKENIZER} (tokenizer.json only, as "
+        f"FastChat 0.2 saves under transformers 5): took {taken}, whose {len(pieces)} pieces "
+        f"are tokenizer.json's{extra}",
+        file=sys.stderr,
+    )
     return taken
+
+
 # The config fields that fix the tensors' number and shapes (the vocabulary is checked apart).
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                 "head_dim", "tie_word_embeddings")
+_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
 
 
 def _check_same_architecture(base, base_config, other, config, role: str) -> None:
@@ -177,12 +197,16 @@ def _check_same_architecture(base, base_config, other, config, role: str) -> Non
     Only the other's tensors are streamed, so a base deeper or wider than them
     would otherwise be silently cut.
     """
-    differ = [f"{k}: base {getattr(base_config, k)!r}, {role} {getattr(config, k)!r}"
-              for k in _SHAPE_FIELDS if getattr(base_config, k) != getattr(config, k)]
+    differ = [
+        f"{k}: base {getattr(base_config, k)!r}, {role} {getattr(config, k)!r}"
+        for k in _SHAPE_FIELDS
+        if getattr(base_config, k) != getattr(config, k)
+    ]
     if differ:
         raise ValueError(
             f"base {base} and {role} {other} are different architectures ("
-            + "; ".join(differ) + f"); use the base model the {role} was made from"
+            + "; ".join(differ)
+            + f"); use the base model the {role} was made from"
         )
 
 

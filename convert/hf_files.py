@@ -26,8 +26,10 @@ import ml_dtypes
 import numpy as np
 
 ST_DTYPES = {
-    np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.float64): "F64",
 }
 _FROM_ST = {code: dtype for dtype, code in ST_DTYPES.items()}
 
@@ -50,8 +52,9 @@ class _SafetensorsFile:
                 start, end = (8 + length + o for o in info["data_offsets"])
                 dtype = _FROM_ST.get(info["dtype"])
                 if dtype is None:
-                    raise ValueError(f"tensor {name} has dtype {info['dtype']}, not one of "
-                                     f"{sorted(_FROM_ST)}")
+                    raise ValueError(
+                        f"tensor {name} has dtype {info['dtype']}, not one of {sorted(_FROM_ST)}"
+                    )
                 shape = tuple(info["shape"])
                 if end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
                     raise ValueError(f"tensor {name}'s bytes {start}..{end} do not fit the file")
@@ -121,8 +124,10 @@ def _weight_files(folder: str) -> list[str]:
     """The weight files of an HF folder, checked against its index when there is one."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Hugging Face folder {folder} does not exist")
-    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
-                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
         index = os.path.join(folder, index_name)
         if os.path.exists(index):
             with open(index) as f:
@@ -149,8 +154,9 @@ def _load_bin(path: str) -> dict:
 
     try:
         # Only the zip format can be memory-mapped; weights_only=True holds for both.
-        return torch.load(path, map_location="cpu", weights_only=True,
-                          mmap=zipfile.is_zipfile(path))
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e) and "Weights only" not in str(e):
             raise _damaged_bin(path, e) from None
@@ -211,16 +217,20 @@ def plan_shards(specs, max_shard_size: int) -> list[list[tuple]]:
     return shards
 
 
-def write_safetensors(folder, specs, tensors: Iterable[tuple[str, np.ndarray]],
-                      max_shard_size: int) -> list[str]:
+def write_safetensors(
+    folder, specs, tensors: Iterable[tuple[str, np.ndarray]], max_shard_size: int
+) -> list[str]:
     """Writes `tensors` (yielded in `specs` order) as safetensors shards plus an index.
 
     One shard is `model.safetensors`; several are `model-0000i-of-0000n.safetensors`
     with `model.safetensors.index.json`. Returns the file names written.
     """
     shards = plan_shards(list(specs), max_shard_size)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     stream = iter(tensors)
     weight_map, total = {}, 0
     for file_name, shard in zip(names, shards):
@@ -238,8 +248,11 @@ def _write_shard(path: str, shard, stream: Iterator[tuple[str, np.ndarray]]) -> 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in shard:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": ST_DTYPES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": ST_DTYPES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
@@ -248,7 +261,9 @@ def _write_shard(path: str, shard, stream: Iterator[tuple[str, np.ndarray]]) -> 
         for name, shape, dtype in shard:
             got_name, array = next(stream)
             if got_name != name or array.shape != tuple(shape) or array.dtype != dtype:
-                raise AssertionError(f"{path}: expected {name} {shape} {dtype}, got "
-                                     f"{got_name} {array.shape} {array.dtype}")
+                raise AssertionError(
+                    f"{path}: expected {name} {shape} {dtype}, got "
+                    f"{got_name} {array.shape} {array.dtype}"
+                )
             f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return offset

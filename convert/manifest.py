@@ -32,8 +32,13 @@ def _files(folder: str) -> list[str]:
 
 
 def compute(folder: str) -> dict[str, dict]:
-    return {rel: {"sha256": sha256(os.path.join(folder, rel)),
-                  "size": os.path.getsize(os.path.join(folder, rel))} for rel in _files(folder)}
+    return {
+        rel: {
+            "sha256": sha256(os.path.join(folder, rel)),
+            "size": os.path.getsize(os.path.join(folder, rel)),
+        }
+        for rel in _files(folder)
+    }
 
 
 def write(folder: str) -> None:
@@ -47,15 +52,22 @@ def check(folder: str) -> int:
     path = os.path.join(folder, NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} is missing: only folders written by mtllama-convert carry a manifest")
+            f"{path} is missing: only folders written by mtllama-convert carry a manifest"
+        )
     with open(path) as f:
         want = json.load(f)["files"]
     got = compute(folder)
-    problems = [f"{rel}: sha256 differs" for rel in sorted(set(want) & set(got))
-                if want[rel]["sha256"] != got[rel]["sha256"]]
+    problems = [
+        f"{rel}: sha256 differs"
+        for rel in sorted(set(want) & set(got))
+        if want[rel]["sha256"] != got[rel]["sha256"]
+    ]
     problems += [f"{rel}: missing" for rel in sorted(set(want) - set(got))]
     problems += [f"{rel}: not in the manifest" for rel in sorted(set(got) - set(want))]
     if problems:
-        raise ValueError(f"{folder} does not match its {NAME}:\n  " + "\n  ".join(problems)
-                         + "\nCopy the folder again from its source, or re-run the conversion.")
+        raise ValueError(
+            f"{folder} does not match its {NAME}:\n  "
+            + "\n  ".join(problems)
+            + "\nCopy the folder again from its source, or re-run the conversion."
+        )
     return len(got)

@@ -21,13 +21,21 @@ from mtllama_jax import checkpoint_folder
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.convert import hf_files, hf_params, manifest
 
-
 # Vocabulary-sized params and the axis their rows lie along.
 VOCAB_AXES = {("embed", "embedding"): 0, ("lm_head", "kernel"): 1}
 
 
-def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None,
-              vocab_size=None, allow_no_tokenizer=False) -> None:
+def hf_to_jax(
+    hf_dir,
+    out,
+    *,
+    dtype=None,
+    overwrite=False,
+    mesh=None,
+    rules=None,
+    vocab_size=None,
+    allow_no_tokenizer=False,
+) -> None:
     """Converts an HF folder to a checkpoint folder (config.json, tokenizer, params/).
 
     `vocab_size` larger than the folder's appends zero rows to the embedding and
@@ -44,10 +52,17 @@ def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None
                 f"{hf_dir} has no tokenizer.model (the SentencePiece model mtllama-eval, "
                 "mtllama-chat and training read); copy it into the folder, or pass "
                 "--no-tokenizer to convert the weights alone"
-                + (" (this folder's tokenizer.json is copied, but not read by them)"
-                   if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else ""))
-        print(f"hf-to-jax: warning: {hf_dir} has no tokenizer.model; the output cannot be "
-              "evaluated or chatted with until one is copied into it", file=sys.stderr)
+                + (
+                    " (this folder's tokenizer.json is copied, but not read by them)"
+                    if os.path.exists(os.path.join(hf_dir, "tokenizer.json"))
+                    else ""
+                )
+            )
+        print(
+            f"hf-to-jax: warning: {hf_dir} has no tokenizer.model; the output cannot be "
+            "evaluated or chatted with until one is copied into it",
+            file=sys.stderr,
+        )
     weights = hf_files.HFWeights(hf_dir)
     hf_params.check_hf_names(weights.names(), config, hf_dir)
     mappings = hf_params.tensor_mappings(config)  # the folder's tensors, as stored
@@ -55,7 +70,8 @@ def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None
         if vocab_size < config.vocab_size:
             raise ValueError(
                 f"--vocab-size {vocab_size} is smaller than {hf_dir}/config.json's vocab_size "
-                f"{config.vocab_size}: rows can be added, not dropped")
+                f"{config.vocab_size}: rows can be added, not dropped"
+            )
         config = config.replace(vocab_size=vocab_size)
     shardings = {}
     if mesh is not None:
@@ -86,7 +102,8 @@ def hf_to_jax(hf_dir, out, *, dtype=None, overwrite=False, mesh=None, rules=None
     config = config.replace(param_dtype=stored)
     with checkpoint_folder.staged(out, overwrite=overwrite) as tmp:
         checkpoint_folder.write_contents(
-            tmp, hf_params.unflatten(flat), config, checkpoint_folder.tokenizer_files(hf_dir))
+            tmp, hf_params.unflatten(flat), config, checkpoint_folder.tokenizer_files(hf_dir)
+        )
         manifest.write(tmp)
 
 
@@ -105,15 +122,20 @@ def jax_to_hf(ckpt, out, *, dtype=None, max_shard_size="5GB", overwrite=False) -
     expected = hf_params.param_shapes(config)
     for path, shape in expected.items():
         if path not in stored:
-            raise ValueError(f"{ckpt}: parameter {'/'.join(path)} is missing; check that "
-                             "config.json matches the checkpoint")
+            raise ValueError(
+                f"{ckpt}: parameter {'/'.join(path)} is missing; check that "
+                "config.json matches the checkpoint"
+            )
         if tuple(stored[path].shape) != shape:
-            raise ValueError(f"{ckpt}: parameter {'/'.join(path)} has shape "
-                             f"{tuple(stored[path].shape)} but config.json implies {shape}")
+            raise ValueError(
+                f"{ckpt}: parameter {'/'.join(path)} has shape "
+                f"{tuple(stored[path].shape)} but config.json implies {shape}"
+            )
     # Grouped by parameter so each stacked parameter is restored once.
     order = list(expected)
-    mappings = sorted(hf_params.tensor_mappings(config),
-                      key=lambda t: (order.index(t.param_path), t.layer or 0))
+    mappings = sorted(
+        hf_params.tensor_mappings(config), key=lambda t: (order.index(t.param_path), t.layer or 0)
+    )
     out_dtype = {t.hf_name: np.dtype(dtype or stored[t.param_path].dtype) for t in mappings}
     specs = [(t.hf_name, t.hf_shape, out_dtype[t.hf_name]) for t in mappings]
 
@@ -122,8 +144,7 @@ def jax_to_hf(ckpt, out, *, dtype=None, max_shard_size="5GB", overwrite=False) -
         for t in mappings:
             if t.param_path != path:
                 path, value = None, None  # drop the previous parameter first
-                value = checkpoint_folder.load_param(ckpt, t.param_path,
-                                                     dtype=out_dtype[t.hf_name])
+                value = checkpoint_folder.load_param(ckpt, t.param_path, dtype=out_dtype[t.hf_name])
                 path = t.param_path
             part = value if t.layer is None else value[t.layer]
             yield t.hf_name, t.to_hf(part)

@@ -45,13 +45,34 @@ _SST2_MEANING = ["no", "no", "yes", "yes", "no", "no", "yes", "yes", "no", "yes"
 KEYWORD_RULES: dict[str, tuple[list[tuple[str, str | int]], str | int]] = {
     "sst2": (list(zip(_SST2, _SST2_MEANING)), "no"),
     "openbookqa": (
-        [("1.", 0), ("2.", 1), ("3.", 2), ("4.", 3), ("a", 0), ("b", 1), ("c", 2), ("d", 3),
-         ("(a)", 0), ("(b)", 1), ("(c)", 2), ("(d)", 3)],
+        [
+            ("1.", 0),
+            ("2.", 1),
+            ("3.", 2),
+            ("4.", 3),
+            ("a", 0),
+            ("b", 1),
+            ("c", 2),
+            ("d", 3),
+            ("(a)", 0),
+            ("(b)", 1),
+            ("(c)", 2),
+            ("(d)", 3),
+        ],
         0,
     ),
     "mnli": (
-        [("maybe", "maybe"), ("yes", "yes"), ("no", "no"), ("a", "maybe"), ("b", "yes"),
-         ("c", "no"), ("inconclusive", "maybe"), ("true", "yes"), ("false", "no")],
+        [
+            ("maybe", "maybe"),
+            ("yes", "yes"),
+            ("no", "no"),
+            ("a", "maybe"),
+            ("b", "yes"),
+            ("c", "no"),
+            ("inconclusive", "maybe"),
+            ("true", "yes"),
+            ("false", "no"),
+        ],
         "maybe",
     ),
     "wic": ([("no", "no"), ("yes", "yes")], "no"),
@@ -60,8 +81,10 @@ KEYWORD_RULES: dict[str, tuple[list[tuple[str, str | int]], str | int]] = {
 SIMILARITY_SETS = ("copa", "winogrande")
 # QA set -> the rules of the official script its published F1/EM came from.
 QA_SCORING = {"squad": "squad", "xquad_en": "squad", "tydiqa_en": "squad", "mlqa_en": "mlqa"}
-QA_SCRIPTS = {"squad": "SQuAD v1.1's `evaluate-v1.1.py`",
-              "mlqa": "MLQA's `mlqa_evaluation_v1.py`, lang `en`"}
+QA_SCRIPTS = {
+    "squad": "SQuAD v1.1's `evaluate-v1.1.py`",
+    "mlqa": "MLQA's `mlqa_evaluation_v1.py`, lang `en`",
+}
 QA_SETS = tuple(QA_SCORING)
 # Longest names first, so "xquad_en" is not taken for "squad".
 _KNOWN = sorted((*KEYWORD_RULES, *SIMILARITY_SETS, *QA_SETS), key=len, reverse=True)
@@ -80,7 +103,7 @@ def zero_shot_set(task_name: str) -> str | None:
     name = task_name.lower()
     if not name.startswith("zeroshot_"):
         return None
-    rest = name[len("zeroshot_"):]
+    rest = name[len("zeroshot_") :]
     for known in _KNOWN:
         if rest == known or rest.startswith(known + "_"):
             return known
@@ -145,8 +168,9 @@ def qa_prediction(output: str) -> str:
 @functools.cache
 def _unicode_punctuation() -> frozenset[str]:
     """MLQA's PUNCT: every character of a Unicode punctuation category (P*), and ASCII's."""
-    return frozenset(chr(i) for i in range(sys.maxunicode)
-                     if unicodedata.category(chr(i)).startswith("P")) | set(string.punctuation)
+    return frozenset(
+        chr(i) for i in range(sys.maxunicode) if unicodedata.category(chr(i)).startswith("P")
+    ) | set(string.punctuation)
 
 
 def normalize_mlqa_en(text: str) -> str:
@@ -154,4 +178,3 @@ def normalize_mlqa_en(text: str) -> str:
     punctuation = _unicode_punctuation()
     text = "".join(ch for ch in text.lower() if ch not in punctuation)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-

@@ -23,16 +23,26 @@ from mtllama_jax import launch
 SHORTHANDS = ("mixture_or_task_name", "split", "out")
 
 
-def cache(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
-          gin_search_paths: Sequence[str] = ()) -> dict:
+def cache(
+    gin_files: Sequence[str] = (),
+    gin_bindings: Sequence[str] = (),
+    gin_search_paths: Sequence[str] = (),
+) -> dict:
     """Builds the cache the parsed gin configuration describes (`cache.*`); its manifest."""
-    from mtllama_jax.data import build, cache as cache_files
+    from mtllama_jax.data import build
+    from mtllama_jax.data import cache as cache_files
 
     settings = build.job_settings()
     verify = settings.pop("verify")
-    manifest = build.build(settings.pop("mixture_or_task_name"), settings.pop("split"),
-                           settings.pop("out"), gin_files=gin_files, gin_bindings=gin_bindings,
-                           gin_search_paths=gin_search_paths, **settings)
+    manifest = build.build(
+        settings.pop("mixture_or_task_name"),
+        settings.pop("split"),
+        settings.pop("out"),
+        gin_files=gin_files,
+        gin_bindings=gin_bindings,
+        gin_search_paths=gin_search_paths,
+        **settings,
+    )
     if verify:
         for task in manifest["tasks"]:
             cache_files.CachedTask(manifest["out"], task, manifest["split"]).verify()
@@ -60,17 +70,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         launch.parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
-        manifest = cache(gin_files=args.gin_file, gin_bindings=args.gin_bindings,
-                         gin_search_paths=args.search_paths)
+        manifest = cache(
+            gin_files=args.gin_file,
+            gin_bindings=args.gin_bindings,
+            gin_search_paths=args.search_paths,
+        )
     except (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError) as e:
         print(f"mtllama-cache: error: {e}", file=sys.stderr)
         return 2
     tasks = manifest["tasks"]
-    print(f"mtllama-cache: {len(tasks)} task(s), "
-          f"{sum(t['examples'] for t in tasks.values())} examples, "
-          f"{sum(t['tokens'] for t in tasks.values())} tokens"
-          + (f"; {len(manifest['missing'])} task(s) left to other hosts"
-             if manifest["missing"] else ""), file=sys.stderr)
+    print(
+        f"mtllama-cache: {len(tasks)} task(s), "
+        f"{sum(t['examples'] for t in tasks.values())} examples, "
+        f"{sum(t['tokens'] for t in tasks.values())} tokens"
+        + (
+            f"; {len(manifest['missing'])} task(s) left to other hosts"
+            if manifest["missing"]
+            else ""
+        ),
+        file=sys.stderr,
+    )
     return 0
 
 

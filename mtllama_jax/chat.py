@@ -58,8 +58,15 @@ class Conversation:
 class Chat:
     """A loaded checkpoint, its tokenizer and a decoder; `reply` streams one turn."""
 
-    def __init__(self, checkpoint: str, *, mesh=(1, 1, 1), rules: str = "data",
-                 mtllama_quirks: bool = False, dtype: str | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        mesh=(1, 1, 1),
+        rules: str = "data",
+        mtllama_quirks: bool = False,
+        dtype: str | None = None,
+    ):
         from mtllama_jax.checkpoint_folder import open_checkpoint
         from mtllama_jax.vocab import LlamaVocabulary
 
@@ -67,13 +74,21 @@ class Chat:
         self.mesh = partitioning.make_mesh(*mesh, devices=devices)
         self.rules = partitioning.logical_axis_rules(rules)
         self.config, self.params, tokenizer = open_checkpoint(
-            checkpoint, self.mesh, self.rules, dtype=dtype)
+            checkpoint, self.mesh, self.rules, dtype=dtype
+        )
         self.vocab = LlamaVocabulary(tokenizer, mtllama_quirks=mtllama_quirks)
         self.decoder = decoding.Decoder(self.config, self.mesh, self.rules)
         self._cut_said = False
 
-    def reply(self, prompt: str, sampling: decoding.Sampling, max_new_tokens: int | None,
-              stop_strings: Sequence[str], rng: jax.Array, out=None) -> str:
+    def reply(
+        self,
+        prompt: str,
+        sampling: decoding.Sampling,
+        max_new_tokens: int | None,
+        stop_strings: Sequence[str],
+        rng: jax.Array,
+        out=None,
+    ) -> str:
         """Streams the reply to `prompt` to `out` (stdout) and returns its text.
 
         `max_new_tokens` None: what the context leaves (`reply_budget`).
@@ -84,9 +99,12 @@ class Chat:
         context = self.config.max_position_embeddings
         budget = reply_budget(max_new_tokens, len(ids), context)
         if max_new_tokens is not None and budget != max_new_tokens and not self._cut_said:
-            print(f"[--max_new_tokens={max_new_tokens} does not fit the model's context of "
-                  f"{context} tokens: a reply gets what the context leaves after the prompt, "
-                  f"{budget} tokens here]", file=sys.stderr)
+            print(
+                f"[--max_new_tokens={max_new_tokens} does not fit the model's context of "
+                f"{context} tokens: a reply gets what the context leaves after the prompt, "
+                f"{budget} tokens here]",
+                file=sys.stderr,
+            )
             self._cut_said = True
 
         def stream(row, text):
@@ -94,9 +112,15 @@ class Chat:
             out.flush()
 
         gen = self.decoder.generate(
-            self.params, [ids], max_new_tokens=budget, sampling=sampling,
-            stop_token_ids=sorted(eos), stop_strings=stop_strings, detokenize=self.vocab.decode,
-            rng=rng, stream=stream,
+            self.params,
+            [ids],
+            max_new_tokens=budget,
+            sampling=sampling,
+            stop_token_ids=sorted(eos),
+            stop_strings=stop_strings,
+            detokenize=self.vocab.decode,
+            rng=rng,
+            stream=stream,
         )[0]
         out.write("\n")
         out.flush()
@@ -117,24 +141,36 @@ def reply_budget(requested: int | None, prompt_length: int, context: int) -> int
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mtllama-chat", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="folder with config.json, tokenizer.model and params")
+    parser.add_argument(
+        "--checkpoint", required=True, help="folder with config.json, tokenizer.model and params"
+    )
     parser.add_argument("--prompt", help="answer this one message and exit")
-    parser.add_argument("--wrapper", default="mtllama",
-                        help="prompt wrapper: mtllama, mtllama_user, alpaca, raw")
-    parser.add_argument("--max_new_tokens", type=int,
-                        help="reply length limit (default: what the model's context leaves)")
+    parser.add_argument(
+        "--wrapper", default="mtllama", help="prompt wrapper: mtllama, mtllama_user, alpaca, raw"
+    )
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        help="reply length limit (default: what the model's context leaves)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1: off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mesh", default="1,1,1",
-                        help="data,fsdp,tensor sizes (-1 once: the remaining devices)")
+    parser.add_argument(
+        "--mesh", default="1,1,1", help="data,fsdp,tensor sizes (-1 once: the remaining devices)"
+    )
     parser.add_argument("--rules", default="data", help="logical axis rules: data, fsdp, fsdp_tp")
-    parser.add_argument("--dtype", choices=COMPUTE_DTYPES,
-                        help="compute dtype (default: the checkpoint's config.json)")
-    parser.add_argument("--mtllama_quirks", action="store_true",
-                        help="MT-LLaMA's tokenizer: [PAD] 32000 and BOS written as </s>")
+    parser.add_argument(
+        "--dtype",
+        choices=COMPUTE_DTYPES,
+        help="compute dtype (default: the checkpoint's config.json)",
+    )
+    parser.add_argument(
+        "--mtllama_quirks",
+        action="store_true",
+        help="MT-LLaMA's tokenizer: [PAD] 32000 and BOS written as </s>",
+    )
     launch.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     launch.configure_logs(args.verbose)
@@ -153,8 +189,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.prompt is None and sys.stdin is None:
-        print("mtllama-chat: error: stdin is closed; give the message with --prompt",
-              file=sys.stderr)
+        print(
+            "mtllama-chat: error: stdin is closed; give the message with --prompt", file=sys.stderr
+        )
         return exits.ERROR
     return exits.run_main("mtllama-chat", lambda: _session(args))
 
@@ -162,12 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _session(args) -> int:
     """Loads the checkpoint, then answers --prompt or each line of stdin."""
     conversation = Conversation(args.wrapper)
-    chat = Chat(args.checkpoint, mesh=args.mesh, rules=args.rules,
-                mtllama_quirks=args.mtllama_quirks, dtype=args.dtype)
+    chat = Chat(
+        args.checkpoint,
+        mesh=args.mesh,
+        rules=args.rules,
+        mtllama_quirks=args.mtllama_quirks,
+        dtype=args.dtype,
+    )
     rng = jax.random.key(args.seed)
     if args.prompt is not None:
-        chat.reply(conversation.prompt(args.prompt), args.sampling, args.max_new_tokens,
-                   conversation.stop_strings, rng)
+        chat.reply(
+            conversation.prompt(args.prompt),
+            args.sampling,
+            args.max_new_tokens,
+            conversation.stop_strings,
+            rng,
+        )
         return exits.OK
     interactive = sys.stdin.isatty()
     turn = 0
@@ -186,8 +233,13 @@ def _session(args) -> int:
         if interactive:
             print("MT-LLaMA: ", end="", flush=True)
         turn += 1
-        reply = chat.reply(conversation.prompt(message), args.sampling, args.max_new_tokens,
-                           conversation.stop_strings, jax.random.fold_in(rng, turn))
+        reply = chat.reply(
+            conversation.prompt(message),
+            args.sampling,
+            args.max_new_tokens,
+            conversation.stop_strings,
+            jax.random.fold_in(rng, turn),
+        )
         conversation.add(message, reply)
 
 
@@ -202,8 +254,11 @@ def read_line(stream) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        print(f"[that line is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-              "it was skipped, the conversation goes on]", file=sys.stderr)
+        print(
+            f"[that line is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "it was skipped, the conversation goes on]",
+            file=sys.stderr,
+        )
         return "\n"
 
 

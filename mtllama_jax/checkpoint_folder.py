@@ -34,15 +34,24 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 # Tokenizer files copied along with tokenizer.model when present.
 TOKENIZER_FILES = (
-    TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    TOKENIZER,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
     "tokenizer.json",
 )
 _OWN_FIELDS = ("dtype", "param_dtype", "attention", "remat")
 _CONVERT_HINT = "convert a Hugging Face folder with `mtllama-convert hf-to-jax --hf DIR --out {}`"
 
 
-def save_params(folder, params, config: LlamaConfig, *, tokenizer_files: Sequence[str] = (),
-                overwrite: bool = False) -> None:
+def save_params(
+    folder,
+    params,
+    config: LlamaConfig,
+    *,
+    tokenizer_files: Sequence[str] = (),
+    overwrite: bool = False,
+) -> None:
     """Writes `params` (a nested dict of arrays), config.json and tokenizer files to `folder`."""
     with staged(folder, overwrite=overwrite) as tmp:
         write_contents(tmp, params, config, tokenizer_files)
@@ -81,15 +90,18 @@ def check_writable(folder, *, overwrite: bool = False) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise NotADirectoryError(f"{existing} is a file, not a folder; choose another output "
-                                 "folder")
+        raise NotADirectoryError(
+            f"{existing} is a file, not a folder; choose another output folder"
+        )
     try:
         os.makedirs(parent, exist_ok=True)
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise OSError(e.errno, f"cannot write into {parent} ({e.strerror}); choose an output "
-                      "folder you can write to") from None
+        raise OSError(
+            e.errno,
+            f"cannot write into {parent} ({e.strerror}); choose an output folder you can write to",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -174,8 +186,9 @@ def tokenizer_path(folder) -> str:
 
 def tokenizer_files(folder) -> list[str]:
     """The tokenizer files present in `folder` (tokenizer.model first)."""
-    return [os.path.join(folder, n) for n in TOKENIZER_FILES
-            if os.path.exists(os.path.join(folder, n))]
+    return [
+        os.path.join(folder, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(folder, n))
+    ]
 
 
 def params_dir(folder, step: int | None = None) -> str:
@@ -210,8 +223,9 @@ def params_dir(folder, step: int | None = None) -> str:
 def params_metadata(folder, step: int | None = None) -> dict:
     """The stored param tree as (shape, dtype) leaves, nothing read."""
     meta = ocp.StandardCheckpointer().metadata(params_dir(folder, step)).item_metadata
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
-                        dict(meta.tree))
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), dict(meta.tree)
+    )
 
 
 def load_params(folder, shardings=None, *, dtype=None, step: int | None = None):
@@ -233,7 +247,8 @@ def load_params(folder, shardings=None, *, dtype=None, step: int | None = None):
         )
     target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(m.shape, np.dtype(dtype or m.dtype), sharding=s),
-        stored, shardings,
+        stored,
+        shardings,
     )
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
@@ -260,7 +275,8 @@ def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | N
 
         target = jax.tree.map(
             lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-            params_metadata(folder, step), shardings,
+            params_metadata(folder, step),
+            shardings,
         )
         _, params = checkpoints.restore_intact_params(folder, target, step)  # skips damage
     else:
@@ -273,11 +289,16 @@ def load_param(folder, param_path: tuple[str, ...], *, dtype=None, step: int | N
     item = restore_args = None
     for key in reversed(param_path):
         item = {key: item if item is not None else 0}
-        restore_args = {key: restore_args if restore_args is not None else
-                        ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)}
+        restore_args = {
+            key: restore_args
+            if restore_args is not None
+            else ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+        }
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(params_dir(folder, step), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        tree = ckptr.restore(
+            params_dir(folder, step),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
     for key in param_path:
         tree = tree[key]
     return tree

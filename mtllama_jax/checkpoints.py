@@ -73,10 +73,12 @@ class TrainCheckpoints:
             policies.append(_EveryMinutes(every_minutes))
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
-            save_decision_policy=_policies.AnySavePolicy(policies) if policies else
-            _policies.SpecificStepsPolicy(()),
+            save_decision_policy=_policies.AnySavePolicy(policies)
+            if policies
+            else _policies.SpecificStepsPolicy(()),
             preservation_policy=_policies.AnyPreservationPolicy(
-                [_policies.LatestN(keep), _NewestFinite()]),
+                [_policies.LatestN(keep), _NewestFinite()]
+            ),
             best_fn=_step_of,  # only so that Orbax records each step's metrics
             cleanup_tmp_directories=True,
         )
@@ -129,7 +131,8 @@ class TrainCheckpoints:
                     if os.path.exists(os.path.join(where, STEP_MANIFEST)):
                         raise _Intact(
                             f"{where} matches its manifest but does not restore onto this "
-                            f"run's train state: {_first_line(e)}") from None
+                            f"run's train state: {_first_line(e)}"
+                        ) from None
                     raise ValueError(f"unreadable ({_first_line(e)})") from None
                 check_finite(state.params, f"{where}/params")
             except _Intact:
@@ -141,7 +144,8 @@ class TrainCheckpoints:
             return state
         if problems:
             raise ValueError(
-                f"no intact checkpoint in {self.directory}:\n  " + "\n  ".join(problems)
+                f"no intact checkpoint in {self.directory}:\n  "
+                + "\n  ".join(problems)
                 + "\nThe damaged steps were moved to corrupt_checkpoints/; start a new "
                 "MODEL_DIR (with INIT_CHECKPOINT), or copy intact steps back from a backup."
             )
@@ -156,8 +160,11 @@ class TrainCheckpoints:
             while os.path.exists(dst):
                 dst += "+"
             os.rename(os.path.join(self.directory, str(step)), dst)
-            print(f"checkpoint step {step} is damaged ({error}); moved to {dst}, trying the "
-                  "step before it", file=sys.stderr)
+            print(
+                f"checkpoint step {step} is damaged ({error}); moved to {dst}, trying the "
+                "step before it",
+                file=sys.stderr,
+            )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set_aside:{step}")
         self.manager.reload()
@@ -181,8 +188,9 @@ class TrainCheckpoints:
 
     def _save(self, step, state, nonfinite, force: bool) -> bool:
         finite = 1 if nonfinite is None else 1 - int(jax.device_get(nonfinite))
-        saved = self.manager.save(step, args=self._args(state), metrics={"finite": finite},
-                                  force=force)
+        saved = self.manager.save(
+            step, args=self._args(state), metrics={"finite": finite}, force=force
+        )
         if saved:
             self._unhashed.append(step)
         return saved
@@ -302,10 +310,14 @@ def write_step_manifest(folder: str) -> None:
     Nothing is written when rotation deleted the step meanwhile.
     """
     try:
-        files = {rel: {"sha256": _sha256(path), "size": os.path.getsize(path)}
-                 for rel, path in sorted(_step_files(folder).items())}
-        atomic.write_text(os.path.join(folder, STEP_MANIFEST),
-                          json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+        files = {
+            rel: {"sha256": _sha256(path), "size": os.path.getsize(path)}
+            for rel, path in sorted(_step_files(folder).items())
+        }
+        atomic.write_text(
+            os.path.join(folder, STEP_MANIFEST),
+            json.dumps({"files": files}, indent=1, sort_keys=True) + "\n",
+        )
     except FileNotFoundError:
         return
 
@@ -328,8 +340,10 @@ def verify_step(directory: str, step: int) -> None:
     got = _step_files(folder)
     problems = [f"{rel} missing" for rel in sorted(set(want) - set(got))]
     for rel in sorted(set(want) & set(got)):
-        if (os.path.getsize(got[rel]) != want[rel]["size"]
-                or _sha256(got[rel]) != want[rel]["sha256"]):
+        if (
+            os.path.getsize(got[rel]) != want[rel]["size"]
+            or _sha256(got[rel]) != want[rel]["sha256"]
+        ):
             problems.append(f"{rel} differs")
     if problems:
         shown = ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
@@ -339,8 +353,11 @@ def verify_step(directory: str, step: int) -> None:
 def check_finite(params, where: str) -> None:
     """Raises ValueError naming the first parameters holding NaN or Inf."""
     flags = jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), params)
-    bad = [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_leaves_with_path(flags)
-           if not bool(ok)]
+    bad = [
+        jax.tree_util.keystr(p)
+        for p, ok in jax.tree_util.tree_leaves_with_path(flags)
+        if not bool(ok)
+    ]
     if bad:
         raise ValueError(f"{where}: parameter(s) {bad[:3]} hold NaN or Inf values")
 
@@ -366,13 +383,16 @@ class _EveryMinutes:
         self.start = _StartTime(-1, datetime.datetime.now(tz=datetime.timezone.utc))
 
     def should_save(self, step, previous_steps, *, context) -> bool:
-        return self.inner.should_save(step, list(previous_steps) or [self.start],
-                                      context=context)
+        return self.inner.should_save(step, list(previous_steps) or [self.start], context=context)
 
 
 def _rest(state: TrainState) -> dict:
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-            "skipped": state.skipped}
+    return {
+        "step": state.step,
+        "opt_state": state.opt_state,
+        "rng": state.rng,
+        "skipped": state.skipped,
+    }
 
 
 def restore_intact_params(model_dir: str, target, step: int | None = None):
@@ -383,15 +403,16 @@ def restore_intact_params(model_dir: str, target, step: int | None = None):
     (nothing is moved), a damaged requested step is an error naming it.
     """
     directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True))
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
     if step is not None:
         steps = [step]
     if not steps:
-        raise FileNotFoundError(f"{directory} holds no finished step; train longer or point "
-                                "at a converted checkpoint folder")
+        raise FileNotFoundError(
+            f"{directory} holds no finished step; train longer or point "
+            "at a converted checkpoint folder"
+        )
     problems = []
     for candidate in steps:
         try:
@@ -404,12 +425,18 @@ def restore_intact_params(model_dir: str, target, step: int | None = None):
         except ValueError as e:
             problems.append(f"step {candidate}: {e}")
             if step is None:
-                print(f"warning: checkpoint step {candidate} of {model_dir} is damaged ({e}); "
-                      "trying the step before it", file=sys.stderr)
+                print(
+                    f"warning: checkpoint step {candidate} of {model_dir} is damaged ({e}); "
+                    "trying the step before it",
+                    file=sys.stderr,
+                )
             continue
         return candidate, params
-    raise ValueError(f"no intact checkpoint in {directory}:\n  " + "\n  ".join(problems)
-                     + "\nCopy the step again from a backup, or pick another with `step`.")
+    raise ValueError(
+        f"no intact checkpoint in {directory}:\n  "
+        + "\n  ".join(problems)
+        + "\nCopy the step again from a backup, or pick another with `step`."
+    )
 
 
 def restore_params(model_dir: str, step: int, target):
@@ -452,11 +479,14 @@ def check_model_dir(model_dir: str, config: LlamaConfig, role: str = "MODEL_DIR"
         if k not in _NON_ARCHITECTURE and saved.get(k) != mine.get(k)
     }
     if differ:
-        lines = "\n".join(f"  {k}: {role} has {a!r}, this run has {b!r}" for k, (a, b) in
-                          differ.items())
-        fix = ("Point MODEL_DIR at a new folder, or use the gin model file it was trained "
-               "with." if role == "MODEL_DIR" else
-               f"Use the gin model file (gin/models/) that matches {role}, or another {role}.")
+        lines = "\n".join(
+            f"  {k}: {role} has {a!r}, this run has {b!r}" for k, (a, b) in differ.items()
+        )
+        fix = (
+            "Point MODEL_DIR at a new folder, or use the gin model file it was trained with."
+            if role == "MODEL_DIR"
+            else f"Use the gin model file (gin/models/) that matches {role}, or another {role}."
+        )
         raise ValueError(
             f"{path} describes another model than this run's LlamaConfig:\n{lines}\n{fix}"
         )
@@ -476,10 +506,14 @@ def write_model_dir_files(
     if jax.process_index() != 0:
         return
     os.makedirs(model_dir, exist_ok=True)
-    hf = dict(config.to_hf(), mtllama_jax={
-        k: v for k, v in dataclasses.asdict(config).items()
-        if k in ("dtype", "param_dtype", "attention", "remat")
-    })
+    hf = dict(
+        config.to_hf(),
+        mtllama_jax={
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k in ("dtype", "param_dtype", "attention", "remat")
+        },
+    )
     atomic.write_text(os.path.join(model_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
     for src in tokenizer_files:
         name = TOKENIZER_MODEL if src.endswith(".model") else os.path.basename(src)

@@ -81,8 +81,16 @@ class LlamaConfig:
         def fail(field, value, fix):
             raise ValueError(f"LlamaConfig.{field}={value!r}: {fix}")
 
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(field, value, "must be a positive integer")
@@ -180,11 +188,13 @@ class LlamaConfig:
             rope_type(scaling)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+
         def size(key, default=None):
             value = hf.get(key, default) if default is not None else hf[key]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{source}: field {key!r} is {value!r}; it must be a "
-                                 "positive integer")
+                raise ValueError(
+                    f"{source}: field {key!r} is {value!r}; it must be a positive integer"
+                )
             return value
 
         def number(key, default):
@@ -198,8 +208,9 @@ class LlamaConfig:
             try:
                 return None if value is None and key == "pad_token_id" else _single_id(value)
             except (TypeError, ValueError, IndexError):
-                raise ValueError(f"{source}: field {key!r} is {value!r}; it must be a token "
-                                 "id (an integer)") from None
+                raise ValueError(
+                    f"{source}: field {key!r} is {value!r}; it must be a token id (an integer)"
+                ) from None
 
         heads = size("num_attention_heads")
         fields = dict(
@@ -208,9 +219,11 @@ class LlamaConfig:
             intermediate_size=size("intermediate_size"),
             num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=size("num_key_value_heads") if "num_key_value_heads" in hf
-            and hf["num_key_value_heads"] is not None else heads,
-            head_dim=size("head_dim") if hf.get("head_dim") is not None
+            num_kv_heads=size("num_key_value_heads")
+            if "num_key_value_heads" in hf and hf["num_key_value_heads"] is not None
+            else heads,
+            head_dim=size("head_dim")
+            if hf.get("head_dim") is not None
             else size("hidden_size") // heads,
             max_position_embeddings=size("max_position_embeddings", 2048),
             rms_norm_eps=number("rms_norm_eps", 1e-6),
@@ -264,8 +277,9 @@ def read_config_json(path: str) -> dict:
     try:
         hf = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); copy it again from the model's "
-                         "files") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); copy it again from the model's files"
+        ) from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path} holds {type(hf).__name__}, not a JSON object of config fields")
     return hf
@@ -282,9 +296,7 @@ def rope_type(scaling: Mapping[str, Any] | None) -> str:
         return "default"
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(
-            f"rope scaling type {kind!r} is not supported; supported: {ROPE_TYPES}"
-        )
+        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: {ROPE_TYPES}")
     needed = {
         "linear": ("factor",),
         "llama3": (

@@ -175,9 +175,9 @@ class Decoder:
         for i in range(batch):
             ids = fitted[i][0] if i < rows else [self.config.bos_token_id]
             n = len(ids)
-            tokens[i, length - n:] = ids
-            segments[i, length - n:] = 1
-            positions[i, length - n:] = np.arange(n)
+            tokens[i, length - n :] = ids
+            segments[i, length - n :] = 1
+            positions[i, length - n :] = np.arange(n)
             lengths[i] = n
         rng = jax.random.key(0) if rng is None else rng
         prefill, step = self._generation_fns(batch, length, length + max_new_tokens, sampling)
@@ -185,9 +185,7 @@ class Decoder:
         params = self.put_params(params)
         put = self._put_rows
         with self._context():
-            cache, token, logits = prefill(
-                params, put(tokens), put(positions), put(segments), rng
-            )
+            cache, token, logits = prefill(params, put(tokens), put(positions), put(segments), rng)
             start = put(lengths)
             out = [[] for _ in range(rows)]
             kept_logits = [[] for _ in range(rows)]
@@ -219,7 +217,7 @@ class Decoder:
                         final = reasons[r] is not None or i + 1 == max_new_tokens
                         safe = len(texts[r]) if final else _safe_length(texts[r], stop_strings)
                         if safe > streamed[r]:
-                            stream(r, texts[r][streamed[r]:safe])
+                            stream(r, texts[r][streamed[r] : safe])
                             streamed[r] = safe
                 if all(reason is not None for reason in reasons) or nxt is None:
                     break
@@ -300,10 +298,10 @@ class Decoder:
         fn = self._score_fn(batch, length)
         put = self._put_rows
         with self._context():
-            sums, greedy = fn(self.put_params(params), put(tokens), put(segments), put(targets),
-                              put(weights))
-        return (np.asarray(sums, np.float64)[:rows], np.asarray(greedy, bool)[:rows],
-                truncated)
+            sums, greedy = fn(
+                self.put_params(params), put(tokens), put(segments), put(targets), put(weights)
+            )
+        return (np.asarray(sums, np.float64)[:rows], np.asarray(greedy, bool)[:rows], truncated)
 
     # ---- compiled pieces -----------------------------------------------------------------
 
@@ -337,31 +335,47 @@ class Decoder:
             cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
             cache = jax.lax.with_sharding_constraint(cache, cache_shardings)
             logits, variables = model.apply(
-                {"params": params, "cache": cache}, tokens, positions=positions,
-                segment_ids=segments, decode=True, mutable=["cache"],
+                {"params": params, "cache": cache},
+                tokens,
+                positions=positions,
+                segment_ids=segments,
+                decode=True,
+                mutable=["cache"],
             )
             last = logits[:, -1]
-            return variables["cache"], sample_tokens(last, jax.random.fold_in(rng, 0),
-                                                     sampling), last
+            return (
+                variables["cache"],
+                sample_tokens(last, jax.random.fold_in(rng, 0), sampling),
+                last,
+            )
 
         def step(params, cache, token, start, i, rng):
             logits, variables = model.apply(
-                {"params": params, "cache": cache}, token[:, None],
-                positions=(start + i)[:, None], segment_ids=jnp.ones_like(token)[:, None],
-                decode=True, mutable=["cache"],
+                {"params": params, "cache": cache},
+                token[:, None],
+                positions=(start + i)[:, None],
+                segment_ids=jnp.ones_like(token)[:, None],
+                decode=True,
+                mutable=["cache"],
             )
             last = logits[:, -1]
-            return variables["cache"], sample_tokens(last, jax.random.fold_in(rng, i + 1),
-                                                     sampling), last
+            return (
+                variables["cache"],
+                sample_tokens(last, jax.random.fold_in(rng, i + 1), sampling),
+                last,
+            )
 
         p, b = self.param_shardings, self.batch_sharding
         prefill_jit = jax.jit(
-            prefill, in_shardings=(p, b, b, b, repl),
+            prefill,
+            in_shardings=(p, b, b, b, repl),
             out_shardings=(cache_shardings, rows, rows),
         )
         step_jit = jax.jit(
-            step, in_shardings=(p, cache_shardings, rows, rows, repl, repl),
-            out_shardings=(cache_shardings, rows, rows), donate_argnums=1,
+            step,
+            in_shardings=(p, cache_shardings, rows, rows, repl, repl),
+            out_shardings=(cache_shardings, rows, rows),
+            donate_argnums=1,
         )
         self._compiled[key] = (prefill_jit, step_jit)
         return prefill_jit, step_jit
@@ -380,8 +394,9 @@ class Decoder:
             return jnp.sum(picked * weights, axis=-1), jnp.all(hit, axis=-1)
 
         b = self.batch_sharding
-        fn = jax.jit(score, in_shardings=(self.param_shardings, b, b, b, b),
-                     out_shardings=self._replicated)
+        fn = jax.jit(
+            score, in_shardings=(self.param_shardings, b, b, b, b), out_shardings=self._replicated
+        )
         self._compiled[key] = fn
         return fn
 
@@ -397,6 +412,6 @@ def _safe_length(text: str, stop_strings: Sequence[str]) -> int:
     nor a trailing replacement character of a half-decoded UTF-8 byte sequence."""
     end = len(text.rstrip("\ufffd"))
     for k in range(min(end, max((len(s) for s in stop_strings), default=1) - 1), 0, -1):
-        if any(s.startswith(text[end - k:end]) for s in stop_strings):
+        if any(s.startswith(text[end - k : end]) for s in stop_strings):
             return end - k
     return end

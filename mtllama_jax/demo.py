@@ -21,18 +21,31 @@ import statistics
 import sys
 from typing import Mapping, Sequence
 
-import gin
 import jax
 
-from mtllama_jax import atomic, decoding, evaluation, exits, launch, metrics, reports, train, trainer
+import gin
+from mtllama_jax import (
+    atomic,
+    decoding,
+    evaluation,
+    exits,
+    launch,
+    metrics,
+    reports,
+    train,
+    trainer,
+)
 from mtllama_jax.gin_configurables import model_config_from_gin
 
 HELD_OUT = {
     "synthetic_heldout_templates": "Unseen templates (of trained tasks)",
     "synthetic_heldout_clusters": "Unseen tasks (clusters never trained on)",
 }
-PROTOCOL_METRICS = [("rank", "accuracy"), ("generate", "accuracy_original"),
-                    ("generate", "accuracy_strict")]
+PROTOCOL_METRICS = [
+    ("rank", "accuracy"),
+    ("generate", "accuracy_original"),
+    ("generate", "accuracy_strict"),
+]
 
 
 def initial_params(seed: int):
@@ -57,22 +70,30 @@ def row_groups() -> dict[str, list[str]]:
     groups = {title: evaluation.task_names([mixture]) for mixture, title in HELD_OUT.items()}
     for cluster in synthetic.HELD_OUT_CLUSTERS:
         groups[f"- {cluster} (unseen task)"] = [
-            synthetic.task_name(cluster, t) for t in range(synthetic.num_templates(cluster))]
+            synthetic.task_name(cluster, t) for t in range(synthetic.num_templates(cluster))
+        ]
     return groups
 
 
 def summary_table(runs: Mapping[str, Mapping], chance: Mapping[str, float]) -> str:
     """Mean accuracy over each row's tasks, per protocol: before vs after."""
-    header = "| set | chance | " + " | ".join(
-        f"{label}: {p} {m.replace('accuracy_', '').replace('accuracy', 'acc')}"
-        for label in runs for p, m in PROTOCOL_METRICS) + " |"
+    header = (
+        "| set | chance | "
+        + " | ".join(
+            f"{label}: {p} {m.replace('accuracy_', '').replace('accuracy', 'acc')}"
+            for label in runs
+            for p, m in PROTOCOL_METRICS
+        )
+        + " |"
+    )
     lines = [header, "|---" * (2 + len(runs) * len(PROTOCOL_METRICS)) + "|"]
     for title, names in row_groups().items():
         cells = []
         for results in runs.values():
             for protocol, metric in PROTOCOL_METRICS:
-                values = [results["tasks"][n][protocol][metric] for n in names
-                          if n in results["tasks"]]
+                values = [
+                    results["tasks"][n][protocol][metric] for n in names if n in results["tasks"]
+                ]
                 cells.append(f"{statistics.fmean(values):.1f}" if values else "n/a")
         lines.append(f"| {title} | {chance[title]:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -82,8 +103,11 @@ def chance_levels(split: str) -> dict[str, float]:
     """Uniform-guess accuracy (%) of each table row, from its examples' choice counts."""
     levels = {}
     for title, names in row_groups().items():
-        per_example = [1.0 / len(ex["answer_choices"])
-                       for name in names for ex in evaluation.load_examples(name, split)]
+        per_example = [
+            1.0 / len(ex["answer_choices"])
+            for name in names
+            for ex in evaluation.load_examples(name, split)
+        ]
         levels[title] = 100.0 * statistics.fmean(per_example)
     return levels
 
@@ -98,12 +122,14 @@ def loss_curve(model_dir: str, path: str) -> None:
     log = os.path.join(model_dir, "metrics.jsonl")
     train_records = metrics.read_jsonl(log, "train")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records],
-            label="train loss")
+    ax.plot(
+        [r["step"] for r in train_records], [r["loss"] for r in train_records], label="train loss"
+    )
     valid = [r for r in metrics.read_jsonl(log, "validation") if "loss" in r]
     if valid:
-        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-",
-                label="validation loss")
+        ax.plot(
+            [r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation loss"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per response token)")
     ax.set_yscale("log")
@@ -136,43 +162,63 @@ def demo(
 
     os.makedirs(run_dir, exist_ok=True)
     model_dir = os.path.join(run_dir, "model")
-    options = evaluation.EvalOptions(split=split, batch_size=eval_batch_size,
-                                     max_new_tokens=max_new_tokens, max_examples=max_examples)
+    options = evaluation.EvalOptions(
+        split=split,
+        batch_size=eval_batch_size,
+        max_new_tokens=max_new_tokens,
+        max_examples=max_examples,
+    )
     config, mesh, rules, params = initial_params(seed)
     vocabulary = synthetic.vocabulary()
     decoder = decoding.Decoder(config, mesh, rules)
     print("== zero-shot evaluation before training", flush=True)
-    before = evaluation.evaluate(params, config, vocabulary, list(HELD_OUT), options,
-                                 decoder=decoder, progress=True)
+    before = evaluation.evaluate(
+        params, config, vocabulary, list(HELD_OUT), options, decoder=decoder, progress=True
+    )
     del params
     print("== multi-task training on synthetic_train", flush=True)
     reason = train.train(model_dir=model_dir, seed=seed)
     if reason != "done":
-        print(f"mtllama-demo: training ended early ({reason}); rerun `make demo` to continue",
-              file=sys.stderr)
+        print(
+            f"mtllama-demo: training ended early ({reason}); rerun `make demo` to continue",
+            file=sys.stderr,
+        )
         raise SystemExit(exits.PREEMPTED if reason == "preempted" else exits.NONFINITE)
     print("== zero-shot evaluation after training", flush=True)
-    after = evaluation.evaluate(trained_params(model_dir, mesh, rules), config, vocabulary,
-                                list(HELD_OUT), options, decoder=decoder, progress=True)
+    after = evaluation.evaluate(
+        trained_params(model_dir, mesh, rules),
+        config,
+        vocabulary,
+        list(HELD_OUT),
+        options,
+        decoder=decoder,
+        progress=True,
+    )
     runs = {"before training": before, "after training": after}
-    report = "\n".join([
-        "## Held-out zero-shot accuracy (%), mean over each set's tasks",
-        "",
-        summary_table(runs, chance_levels(split)),
-        "",
-        "rank: the choice with the highest log-likelihood (T0's protocol); generate: greedy "
-        "text matched to a choice by MT-LLaMA's original matcher or strictly.",
-        "",
-        reports.markdown_report(runs),
-    ])
+    report = "\n".join(
+        [
+            "## Held-out zero-shot accuracy (%), mean over each set's tasks",
+            "",
+            summary_table(runs, chance_levels(split)),
+            "",
+            "rank: the choice with the highest log-likelihood (T0's protocol); generate: greedy "
+            "text matched to a choice by MT-LLaMA's original matcher or strictly.",
+            "",
+            reports.markdown_report(runs),
+        ]
+    )
     atomic.write_text(os.path.join(run_dir, "results.md"), report)
     atomic.write_text(os.path.join(run_dir, "results.json"), json.dumps(runs, indent=1))
-    reports.bar_chart(runs, os.path.join(run_dir, "results.png"),
-                      title="Synthetic held-out tasks: before vs after multi-task training")
+    reports.bar_chart(
+        runs,
+        os.path.join(run_dir, "results.png"),
+        title="Synthetic held-out tasks: before vs after multi-task training",
+    )
     loss_curve(model_dir, os.path.join(run_dir, "loss.png"))
     print(report)
-    print(f"\nwrote {run_dir}/results.md, results.json, results.png, loss.png; "
-          f"model in {model_dir}")
+    print(
+        f"\nwrote {run_dir}/results.md, results.json, results.png, loss.png; model in {model_dir}"
+    )
     return report
 
 

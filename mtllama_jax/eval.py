@@ -23,9 +23,9 @@ import os
 import sys
 from typing import Sequence
 
-import gin
 import jax
 
+import gin
 from mtllama_jax import atomic, evaluation, exits, launch, reports
 from mtllama_jax.checkpoint_folder import open_checkpoint
 from mtllama_jax.config import COMPUTE_DTYPES
@@ -74,25 +74,33 @@ def evaluate_checkpoint(
         config.json); results.json records the one used.
     """
     from mtllama_jax import checkpoint_folder
-    from mtllama_jax.gin_configurables import check_argument_types
-    from mtllama_jax.gin_configurables import mesh
+    from mtllama_jax.gin_configurables import check_argument_types, mesh
 
     check_argument_types("evaluate_checkpoint", evaluate_checkpoint, locals())
     if jax.process_index() == 0:  # before the evaluation, not after it
-        checkpoint_folder.check_writable(os.path.join(output_dir, "results.json"),
-                                         overwrite=True)
+        checkpoint_folder.check_writable(os.path.join(output_dir, "results.json"), overwrite=True)
     mesh_, rules = mesh()
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise ValueError(f"evaluate_checkpoint.dtype={dtype!r}: choose one of {COMPUTE_DTYPES}")
     config, params, tokenizer = open_checkpoint(checkpoint, mesh_, rules, step, dtype)
     options = evaluation.EvalOptions(
-        protocols=tuple(protocols), split=split, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, max_examples=max_examples,
-        fail_on_missing=fail_on_missing, keep_predictions=keep_predictions,
+        protocols=tuple(protocols),
+        split=split,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_examples=max_examples,
+        fail_on_missing=fail_on_missing,
+        keep_predictions=keep_predictions,
     )
     results = evaluation.evaluate(
-        params, config, checkpoint_vocabulary(tokenizer), mixture_or_task_names, options,
-        mesh=mesh_, rules=rules, progress=True,
+        params,
+        config,
+        checkpoint_vocabulary(tokenizer),
+        mixture_or_task_names,
+        options,
+        mesh=mesh_,
+        rules=rules,
+        progress=True,
     )
     results["checkpoint"] = os.path.abspath(checkpoint)
     results["dtype"] = config.dtype
@@ -126,9 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(str(e)) from None
         print(reports.markdown_report({results["label"]: results}))
         if results["skipped"] and not results["tasks"]:
-            print(f"mtllama-eval: every set was skipped (no data found): "
-                  f"{sorted(results['skipped'])}; see the reasons in results.json",
-                  file=sys.stderr)
+            print(
+                f"mtllama-eval: every set was skipped (no data found): "
+                f"{sorted(results['skipped'])}; see the reasons in results.json",
+                file=sys.stderr,
+            )
             return exits.ALL_SKIPPED
         return exits.OK
 

@@ -36,8 +36,15 @@ from mtllama_jax.config import LlamaConfig
 PROTOCOLS = ("generate", "rank")
 # T0's held-out datasets (`t0_eval_tasks.tsv`), as the prefixes of their task names.
 T0_HELD_OUT = (
-    "super_glue_wsc_fixed", "super_glue_cb", "super_glue_copa", "super_glue_rte",
-    "super_glue_wic", "winogrande_winogrande_xl", "story_cloze_2016", "hellaswag", "anli",
+    "super_glue_wsc_fixed",
+    "super_glue_cb",
+    "super_glue_copa",
+    "super_glue_rte",
+    "super_glue_wic",
+    "winogrande_winogrande_xl",
+    "story_cloze_2016",
+    "hellaswag",
+    "anli",
 )
 
 
@@ -145,7 +152,12 @@ def evaluate(
             skipped[name] = f"split {options.split!r} has no examples"
             continue
         tasks[name] = evaluate_examples(
-            decoder, params, vocabulary, examples, answer_matching.zero_shot_set(name), options,
+            decoder,
+            params,
+            vocabulary,
+            examples,
+            answer_matching.zero_shot_set(name),
+            options,
             progress=f"{name}" if progress else None,
         )
     return {
@@ -176,9 +188,7 @@ def evaluate_examples(
     labels = [int(ex.get("label", -1)) for ex in examples]
     answers = [list(ex.get("answers") or []) for ex in examples]
     has_choices = [bool(c) and 0 <= lab < len(c) for c, lab in zip(choices, labels)]
-    is_qa = zero_shot_set in answer_matching.QA_SETS or (
-        not any(has_choices) and any(answers)
-    )
+    is_qa = zero_shot_set in answer_matching.QA_SETS or (not any(has_choices) and any(answers))
     result: dict[str, Any] = {"examples": len(examples), "set": zero_shot_set}
     result["without_gold"] = (
         sum(1 for a in answers if not a) if is_qa else len(examples) - sum(has_choices)
@@ -197,7 +207,14 @@ def evaluate_examples(
             )
     if "rank" in options.protocols and not is_qa:
         result["rank"], truncated = _rank(
-            decoder, params, vocabulary, prompts, choices, labels, has_choices, options,
+            decoder,
+            params,
+            vocabulary,
+            prompts,
+            choices,
+            labels,
+            has_choices,
+            options,
             predictions,
         )
         result.setdefault("truncated_prompts", truncated)
@@ -208,7 +225,7 @@ def evaluate_examples(
 
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
-        yield start, items[start:start + size]
+        yield start, items[start : start + size]
 
 
 def _generate_all(decoder, params, vocabulary, prompts, options, progress):
@@ -221,8 +238,12 @@ def _generate_all(decoder, params, vocabulary, prompts, options, progress):
     chunks = list(_batches(prompts, options.batch_size))
     for _, chunk in tqdm(chunks, desc=f"generate {progress}", disable=progress is None):
         gens = decoder.generate(
-            params, chunk, max_new_tokens=options.max_new_tokens, stop_token_ids=sorted(eos),
-            stop_strings=options.stop_strings, detokenize=vocabulary.decode,
+            params,
+            chunk,
+            max_new_tokens=options.max_new_tokens,
+            stop_token_ids=sorted(eos),
+            stop_strings=options.stop_strings,
+            detokenize=vocabulary.decode,
         )
         outputs += [g.text for g in gens]
         truncated += sum(g.prompt_truncated for g in gens)
@@ -249,8 +270,12 @@ def _choice_scores(outputs, choices, labels, has_choices, zero_shot_set, predict
     }
 
 
-def qa_scores(outputs: Sequence[str], answers: Sequence[Sequence[str]], predictions=None,
-              scoring: str = "squad"):
+def qa_scores(
+    outputs: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    predictions=None,
+    scoring: str = "squad",
+):
     """F1/EM (x100, max over gold answers) of generated outputs under an official script's rules.
 
     `scoring`: "squad" (SQuAD v1.1's `evaluate-v1.1.py`) or "mlqa" (MLQA's
@@ -275,13 +300,13 @@ def qa_scores(outputs: Sequence[str], answers: Sequence[Sequence[str]], predicti
             preds.append(span)
     if not golds:
         return {"f1": 0.0, "em": 0.0}
-    scores = qa_utils.qa_metrics([[normalize(g) for g in gold] for gold in golds],
-                                 [normalize(p) for p in preds])
+    scores = qa_utils.qa_metrics(
+        [[normalize(g) for g in gold] for gold in golds], [normalize(p) for p in preds]
+    )
     return {"f1": float(scores["f1"]), "em": float(scores["em"])}
 
 
-def _rank(decoder, params, vocabulary, prompts, choices, labels, has_choices, options,
-          predictions):
+def _rank(decoder, params, vocabulary, prompts, choices, labels, has_choices, options, predictions):
     pairs = [(i, j) for i in range(len(prompts)) if has_choices[i] for j in range(len(choices[i]))]
     encoded = {}
     for i, j in pairs:
@@ -294,7 +319,7 @@ def _rank(decoder, params, vocabulary, prompts, choices, labels, has_choices, op
         sums, _, cut = decoder.score(
             params, [prompts[i] for i, _ in chunk], [encoded[choices[i][j]] for i, j in chunk]
         )
-        loglik[start:start + len(chunk)] = sums
+        loglik[start : start + len(chunk)] = sums
         truncated.update(i for (i, _), c in zip(chunk, cut) if c)
     by_example: dict[int, list[tuple[float, float]]] = {}
     for (i, j), ll in zip(pairs, loglik):
@@ -303,13 +328,15 @@ def _rank(decoder, params, vocabulary, prompts, choices, labels, has_choices, op
     for i, scores in by_example.items():
         pick = int(np.argmax([s for s, _ in scores]))
         pick_norm = int(np.argmax([s for _, s in scores]))
-        predictions[i].update(rank=pick, rank_norm=pick_norm, label=labels[i],
-                              loglik=[float(s) for s, _ in scores])
+        predictions[i].update(
+            rank=pick, rank_norm=pick_norm, label=labels[i], loglik=[float(s) for s, _ in scores]
+        )
         correct += pick == labels[i]
         correct_norm += pick_norm == labels[i]
     n = max(len(by_example), 1)
     return {"accuracy": 100.0 * correct / n, "accuracy_norm": 100.0 * correct_norm / n}, len(
-        truncated)
+        truncated
+    )
 
 
 def t0_dataset(task_name: str) -> str | None:
@@ -337,8 +364,8 @@ def t0_medians(tasks: Mapping[str, Mapping[str, Any]]) -> dict:
                     key = f"{protocol}/{metric}"
                     groups.setdefault(dataset, {}).setdefault(key, []).append(value)
     return {
-        d: {k: statistics.median(v) for k, v in metrics.items()} | {"prompts": max(
-            len(v) for v in metrics.values())}
+        d: {k: statistics.median(v) for k, v in metrics.items()}
+        | {"prompts": max(len(v) for v in metrics.values())}
         for d, metrics in groups.items()
     }
 
@@ -370,7 +397,8 @@ def train_hook(names: Sequence[str], vocabulary, options: EvalOptions = EvalOpti
         key = (config, id(mesh))
         if key not in decoders:
             decoders[key] = decoding.Decoder(config, mesh, rules)
-        return flat_metrics(evaluate(params, config, vocabulary, names, options,
-                                     decoder=decoders[key]))
+        return flat_metrics(
+            evaluate(params, config, vocabulary, names, options, decoder=decoders[key])
+        )
 
     return hook

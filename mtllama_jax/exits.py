@@ -44,8 +44,9 @@ class _BackgroundSaveErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
-        return not (record.levelno >= logging.ERROR and record.exc_info
-                    and "orbax/checkpoint" in path)
+        return not (
+            record.levelno >= logging.ERROR and record.exc_info and "orbax/checkpoint" in path
+        )
 
 
 def run_main(prog: str, job: Callable[[], int | None]) -> int:
@@ -76,7 +77,8 @@ def _message(error: BaseException) -> str:
     # gin appends where it called from; the message already names the binding or file.
     text = re.sub(r"\n\s*In call to configurable '[^']*' \(<[^>]*>\)", "", text)
     full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
-        "No space left on device" in text)
+        "No space left on device" in text
+    )
     if full:
         text = f"the disk is full: free space or choose another folder ({text})"
     return text

@@ -77,8 +77,9 @@ def wrap_prompt(name: str, instruction: str) -> str:
     return get_wrapper(name)(instruction)
 
 
-def wrap_preprocessor(dataset: tf.data.Dataset, wrapper: str = "mtllama",
-                      feature: str = "inputs") -> tf.data.Dataset:
+def wrap_preprocessor(
+    dataset: tf.data.Dataset, wrapper: str = "mtllama", feature: str = "inputs"
+) -> tf.data.Dataset:
     """seqio preprocessor: rewrite the text feature `inputs` with a wrapper.
 
     Runs before tokenisation; `targets` and any other feature pass unchanged.

@@ -11,7 +11,6 @@ import typing
 from typing import Sequence
 
 import gin
-
 from mtllama_jax import config as model_config
 from mtllama_jax import partitioning
 
@@ -61,8 +60,11 @@ def check_argument_types(name: str, fn, values: dict) -> None:
 
 
 def _options(hint) -> tuple:
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+    return (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
         else (hint,)
+    )
 
 
 def _matches(value, hint) -> bool:
@@ -83,7 +85,8 @@ def _matches(value, hint) -> bool:
         elif origin in (collections.abc.Sequence, list, tuple):
             inner = typing.get_args(option)
             if isinstance(value, (list, tuple)) and (
-                    not inner or all(_matches(v, inner[0]) for v in value)):
+                not inner or all(_matches(v, inner[0]) for v in value)
+            ):
                 return True
         else:
             return True  # not checked here (callables, mappings, configurables)
@@ -97,8 +100,11 @@ def _describe(hint) -> str:
         if option is type(None):
             names.append("None")
         elif origin is not None:
-            names.append(f"a list of {_describe(typing.get_args(option)[0])}"
-                         if typing.get_args(option) else "a list")
+            names.append(
+                f"a list of {_describe(typing.get_args(option)[0])}"
+                if typing.get_args(option)
+                else "a list"
+            )
         else:
             names.append(getattr(option, "__name__", str(option)))
     return " or ".join(names)
@@ -106,8 +112,7 @@ def _describe(hint) -> str:
 
 def _example(hint) -> str:
     first = _options(hint)[0]
-    return {int: "16", float: "0.1", bool: "True", str: "\"'text'\""}.get(
-        first, "\"['a', 'b']\"")
+    return {int: "16", float: "0.1", bool: "True", str: "\"'text'\""}.get(first, "\"['a', 'b']\"")
 
 
 @gin.configurable
@@ -127,7 +132,10 @@ def zero_shot_evaluator(
     from mtllama_jax import evaluation, vocab
 
     options = evaluation.EvalOptions(
-        protocols=tuple(protocols or evaluation.PROTOCOLS), split=split, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, max_examples=max_examples,
+        protocols=tuple(protocols or evaluation.PROTOCOLS),
+        split=split,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_examples=max_examples,
     )
     return evaluation.train_hook(mixture_or_task_names, vocab.configured_vocabulary(), options)

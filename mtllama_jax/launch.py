@@ -22,7 +22,6 @@ import warnings
 from typing import Sequence
 
 import gin
-
 from mtllama_jax.gin_configurables import GIN_DIR
 
 # Loggers that set a level of their own, so the root logger's does not reach them.
@@ -42,8 +41,7 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_job_flags(parser: argparse.ArgumentParser,
-                    argv: Sequence[str]) -> argparse.Namespace:
+def parse_job_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parses a `job_parser`'s flags, quiets other libraries' logs, collects the bindings.
 
     The result has `gin_bindings` (gin's `NAME = VALUE` lines) and `search_paths`
@@ -55,7 +53,7 @@ def parse_job_flags(parser: argparse.ArgumentParser,
     for item in rest:
         if not item.startswith("--gin."):
             parser.error(f"unrecognised argument {item!r}; gin bindings are --gin.NAME=VALUE")
-        binding = item[len("--gin."):]
+        binding = item[len("--gin.") :]
         if "=" not in binding:
             parser.error(f"{item!r}: a binding is --gin.NAME=VALUE")
         args.gin_bindings.append(binding.replace("=", " = ", 1))
@@ -65,9 +63,12 @@ def parse_job_flags(parser: argparse.ArgumentParser,
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     """Adds `--verbose` (other libraries' log messages too) to a job's parser."""
-    parser.add_argument("--verbose", action="store_true",
-                        help="also show other libraries' log messages (TensorFlow, XLA, absl, "
-                             "Orbax, seqio, transformers)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' log messages (TensorFlow, XLA, absl, "
+        "Orbax, seqio, transformers)",
+    )
 
 
 def configure_logs(verbose: bool, *, uses_tensorflow: bool = True) -> None:
@@ -133,7 +134,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
         where = f"{e.filename}, line {e.lineno}: " if e.filename else ""
         raise ValueError(
             f"gin cannot parse {where}{(e.text or '').strip()!r} ({e.msg.splitlines()[-1].strip()}"
-            "); a string value is quoted, e.g. --gin.MODEL_DIR=\"'/tmp/run'\"") from None
+            "); a string value is quoted, e.g. --gin.MODEL_DIR=\"'/tmp/run'\""
+        ) from None
     except OSError as e:
         raise FileNotFoundError(
             f"{e}\n  (gin files are looked up as given, then in --gin_search_paths, then in "
@@ -195,6 +197,7 @@ def _bindable_names() -> list[str]:
             continue
         hidden = {"self", "args", "kwargs", *(configurable.denylist or ())}
         allowed = configurable.allowlist
-        names += [f"{short}.{p}" for p in params
-                  if p not in hidden and (not allowed or p in allowed)]
+        names += [
+            f"{short}.{p}" for p in params if p not in hidden and (not allowed or p in allowed)
+        ]
     return names

@@ -69,16 +69,21 @@ def open_model(path: str, mesh, rules, step: int | None = None):
     """(config, params on the mesh, tokenizer.model path) of any folder that holds a model."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"--model_args checkpoint={path}: no such folder; " + _expected(path))
+            f"--model_args checkpoint={path}: no such folder; " + _expected(path)
+        )
     if os.path.isdir(os.path.join(path, checkpoint_folder.PARAMS)) or os.path.isdir(
-            os.path.join(path, "checkpoints")):
+        os.path.join(path, "checkpoints")
+    ):
         return checkpoint_folder.open_checkpoint(path, mesh, rules, step)
-    weights = [n for n in os.listdir(path)
-               if n.endswith(".safetensors") or (n.startswith("pytorch_model") and
-                                                 n.endswith(".bin"))]
+    weights = [
+        n
+        for n in os.listdir(path)
+        if n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin"))
+    ]
     if not weights or not os.path.exists(os.path.join(path, checkpoint_folder.CONFIG)):
-        raise FileNotFoundError(f"--model_args checkpoint={path} does not hold a model: "
-                                + _expected(path))
+        raise FileNotFoundError(
+            f"--model_args checkpoint={path} does not hold a model: " + _expected(path)
+        )
     from mtllama_jax.config import LlamaConfig
     from mtllama_jax.convert import hf_files, hf_params
 
@@ -133,11 +138,10 @@ class MtllamaLM(TemplateLM):
         if unknown:
             valid = "\n".join(f"  {k}: {v}" for k, v in MODEL_ARGS.items())
             raise ValueError(
-                f"--model_args: unknown key(s) {unknown} for --model {NAME}; valid keys:\n"
-                f"{valid}")
+                f"--model_args: unknown key(s) {unknown} for --model {NAME}; valid keys:\n{valid}"
+            )
         if "checkpoint" not in model_args:
-            raise ValueError(f"--model_args checkpoint=... is required: "
-                             f"{MODEL_ARGS['checkpoint']}")
+            raise ValueError(f"--model_args checkpoint=... is required: {MODEL_ARGS['checkpoint']}")
         super().__init__()
         import sentencepiece as spm
 
@@ -153,8 +157,9 @@ class MtllamaLM(TemplateLM):
         if args.get("max_length"):
             config = config.replace(max_position_embeddings=int(args["max_length"]))
         self.config = config
-        self.decoder = decoding.Decoder(config, mesh, rules,
-                                        length_bucket=int(args.get("length_bucket", 64)))
+        self.decoder = decoding.Decoder(
+            config, mesh, rules, length_bucket=int(args.get("length_bucket", 64))
+        )
         self.sp = spm.SentencePieceProcessor(model_file=tokenizer)
         add_bos = args.get("add_bos_token")
         self.add_bos_token = _bos_default(path) if add_bos is None else bool(add_bos)
@@ -187,7 +192,7 @@ class MtllamaLM(TemplateLM):
         """Token ids as lm-eval's HF model gets them: BOS first (unless told not), then text."""
         bos_text = self.sp.id_to_piece(self.prefix_token_id)
         if add_special_tokens is None and string.startswith(bos_text):
-            return [self.prefix_token_id] + self.sp.encode(string[len(bos_text):])
+            return [self.prefix_token_id] + self.sp.encode(string[len(bos_text) :])
         bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
         return ([self.prefix_token_id] if bos else []) + self.sp.encode(string)
 
@@ -200,8 +205,9 @@ class MtllamaLM(TemplateLM):
         """(log p, is_greedy) per (context, continuation); an empty continuation is (0.0, True)."""
         scored = [i for i, req in enumerate(requests) if req.args[1] != ""]
         results = [(0.0, True)] * len(requests)
-        for i, result in zip(scored, super().loglikelihood([requests[i] for i in scored],
-                                                            disable_tqdm)):
+        for i, result in zip(
+            scored, super().loglikelihood([requests[i] for i in scored], disable_tqdm)
+        ):
             results[i] = result
         return results
 
@@ -219,25 +225,36 @@ class MtllamaLM(TemplateLM):
         for chunk in tqdm(list(self._chunks(todo)), desc="loglikelihood", disable=disable_tqdm):
             rows = chunk + [chunk[-1]] * (self._rows(len(chunk)) - len(chunk))
             sums, greedy, cut = self.decoder.loglikelihoods(
-                self.params, [requests[i][1] for i in rows], [requests[i][2] for i in rows])
+                self.params, [requests[i][1] for i in rows], [requests[i][2] for i in rows]
+            )
             for k, i in enumerate(chunk):
                 results[i] = (float(sums[k]), bool(greedy[k]))
                 if requests[i][0] is not None:  # rolling windows are cached per text
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
             truncated += int(cut[: len(chunk)].sum())
         if truncated:
-            log.warning("%d of %d requests were longer than the window of %d tokens: cut from "
-                        "the left, as lm-eval's HF model cuts them", truncated, len(requests),
-                        self.max_length)
+            log.warning(
+                "%d of %d requests were longer than the window of %d tokens: cut from "
+                "the left, as lm-eval's HF model cuts them",
+                truncated,
+                len(requests),
+                self.max_length,
+            )
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Summed log p of each whole text, in lm-eval's disjoint windows of the context."""
         windows, owners = [], []
         for r, (string,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owners.append(r)
         totals = [0.0] * len(requests)
@@ -265,10 +282,15 @@ class MtllamaLM(TemplateLM):
             for n, chunk in enumerate(self._chunks(indices)):
                 rows = chunk + [chunk[-1]] * (self._rows(len(chunk)) - len(chunk))
                 gens = self.decoder.generate(
-                    self.params, [encoded[i] for i in rows], max_new_tokens=max_new,
-                    sampling=sampling, stop_token_ids=[self.eot_token_id],
-                    stop_strings=until, detokenize=self.tok_decode,
-                    rng=jax.random.fold_in(jax.random.key(self.seed), n))
+                    self.params,
+                    [encoded[i] for i in rows],
+                    max_new_tokens=max_new,
+                    sampling=sampling,
+                    stop_token_ids=[self.eot_token_id],
+                    stop_strings=until,
+                    detokenize=self.tok_decode,
+                    rng=jax.random.fold_in(jax.random.key(self.seed), n),
+                )
                 for i, gen in zip(chunk, gens):
                     out[i] = gen.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
@@ -278,7 +300,7 @@ class MtllamaLM(TemplateLM):
 
     def _chunks(self, items):
         for start in range(0, len(items), self.batch_size):
-            yield items[start:start + self.batch_size]
+            yield items[start : start + self.batch_size]
 
     def _rows(self, n: int) -> int:
         """Rows to pad a chunk of n to: a power of two, or the batch size (few shapes)."""
@@ -289,10 +311,14 @@ def _sampling(kwargs: dict) -> decoding.Sampling:
     """decoding.Sampling of lm-eval's normalised gen_kwargs (greedy unless do_sample)."""
     unknown = sorted(set(kwargs) - set(SAMPLING_KEYS))
     if unknown:
-        raise ValueError(f"gen_kwargs {unknown} are not supported by --model {NAME}; it takes "
-                         f"until, max_gen_toks and {', '.join(SAMPLING_KEYS)}")
+        raise ValueError(
+            f"gen_kwargs {unknown} are not supported by --model {NAME}; it takes "
+            f"until, max_gen_toks and {', '.join(SAMPLING_KEYS)}"
+        )
     if not kwargs.get("do_sample"):
         return decoding.Sampling()
-    return decoding.Sampling(temperature=float(kwargs.get("temperature") or 1.0),
-                             top_k=int(kwargs.get("top_k") or 0),
-                             top_p=float(kwargs.get("top_p") or 1.0))
+    return decoding.Sampling(
+        temperature=float(kwargs.get("temperature") or 1.0),
+        top_k=int(kwargs.get("top_k") or 0),
+        top_p=float(kwargs.get("top_p") or 1.0),
+    )

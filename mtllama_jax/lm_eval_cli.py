@@ -89,7 +89,8 @@ def available_tasks(names: Sequence[str], include: Sequence[str]):
             manager = local
         else:  # one of lm-eval's own: index them all, once
             manager = managers.get("all") or managers.setdefault(
-                "all", TaskManager(include_path=list(include)))
+                "all", TaskManager(include_path=list(include))
+            )
         try:
             manager.load([name])
         except OSError as e:  # ConnectionError offline, FileNotFoundError for local files
@@ -125,8 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tasks is not None and not (rest[:1] and rest[0] in ("ls", "validate")):
         kept, missing = available_tasks(tasks, include)
         for name, why in missing.items():
-            print(f"mtllama-lm-eval: task {name} left out, its dataset is not available "
-                  f"offline ({why}); to run it, {OFFLINE_FIX}", file=sys.stderr)
+            print(
+                f"mtllama-lm-eval: task {name} left out, its dataset is not available "
+                f"offline ({why}); to run it, {OFFLINE_FIX}",
+                file=sys.stderr,
+            )
         if not kept:
             print("mtllama-lm-eval: no requested task can run offline", file=sys.stderr)
             return 2

@@ -115,8 +115,7 @@ class MetricsWriter:
         self.write(step, values, "train")
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                                  refresh=False)
+            self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
 
     def write_tasks(self, step: int, nll: Sequence[float], tokens: Sequence[float]) -> None:
         """Loss and response tokens per task (kind `task`) and per cluster (`task_cluster`).
@@ -133,9 +132,15 @@ class MetricsWriter:
                     g = per_group.setdefault(group, [0.0, 0.0])
                     g[0], g[1] = g[0] + n, g[1] + t
         self.write(step, per_task, "task")
-        self.write(step, {k: v for g, (n, t) in sorted(per_group.items())
-                          for k, v in ((f"{g}/loss", n / t), (f"{g}/tokens", t))},
-                   "task_cluster")
+        self.write(
+            step,
+            {
+                k: v
+                for g, (n, t) in sorted(per_group.items())
+                for k, v in ((f"{g}/loss", n / t), (f"{g}/tokens", t))
+            },
+            "task_cluster",
+        )
 
     def write(self, step: int, values: Mapping[str, float], kind: str) -> None:
         """One record of `kind` (train, eval, zero_shot, ...) at `step`."""
@@ -172,10 +177,12 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     if len(kept) == len(lines) and not torn:
         return
     if torn:
-        print(f"warning: {path}: dropped a torn last line ({torn[:60]!r}...), left by an "
-              "unclean shutdown or a full disk", file=sys.stderr)
-    atomic.write_text(path, "".join(line if line.endswith("\n") else line + "\n"
-                                    for line in kept))
+        print(
+            f"warning: {path}: dropped a torn last line ({torn[:60]!r}...), left by an "
+            "unclean shutdown or a full disk",
+            file=sys.stderr,
+        )
+    atomic.write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
 
 
 def read_jsonl(path: str, kind: str = "train") -> list[dict]:
@@ -199,6 +206,7 @@ def _parse_jsonl(path: str) -> tuple[list[dict], list[str], str]:
                 break
             raise ValueError(
                 f"{path}, line {number}: not a metrics record ({e}); remove or fix that "
-                "line, or move the file away (the run writes a new one)") from None
+                "line, or move the file away (the run writes a new one)"
+            ) from None
         records.append(record)
-    return records, lines[:len(records)], torn
+    return records, lines[: len(records)], torn

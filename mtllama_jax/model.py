@@ -234,9 +234,7 @@ class Projection(nn.Module):
             )
             return flat.reshape(*x.shape[:-n_in], *self.out_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(
-            x, kernel, (contract, ((), ())), preferred_element_type=dtype
-        )
+        return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=dtype)
 
 
 class LMHead(nn.Module):

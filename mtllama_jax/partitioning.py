@@ -51,7 +51,7 @@ def logical_axis_rules(name: str = "fsdp_tp") -> tuple[tuple[str, Any], ...]:
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (all by default); one size may be -1 (the rest)."""
+    """A (data, fsdp, tensor) mesh over `devices` (default all); one size may be -1 (the rest)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:

@@ -52,8 +52,11 @@ class PreemptionWatch:
         self._flag = True
         for sig in self.signals:  # the next signal terminates the process
             signal.signal(sig, signal.SIG_DFL)
-        print(f"received {signal.Signals(signum).name}: saving and stopping "
-              "(a second signal ends the process without saving)", file=sys.stderr)
+        print(
+            f"received {signal.Signals(signum).name}: saving and stopping "
+            "(a second signal ends the process without saving)",
+            file=sys.stderr,
+        )
         if self._waiting and jax.process_count() == 1:
             raise Preempted(signal.Signals(signum).name)
 

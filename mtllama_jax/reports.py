@@ -17,24 +17,57 @@ from typing import Mapping
 from mtllama_jax import atomic
 
 # Columns of the model card's tables: (header, zero-shot set).
-UNSEEN_DATASETS = [("XQuAD-en", "xquad_en"), ("TyDiQA-en", "tydiqa_en"), ("MLQA-en", "mlqa_en"),
-                   ("SQuAD", "squad"), ("SST-2", "sst2"), ("OpenbookQA", "openbookqa")]
-UNSEEN_TASKS = [("COPA", "copa"), ("Winogrande", "winogrande"), ("WiC", "wic"), ("MNLI", "mnli"),
-                ("RTE", "rte")]
+UNSEEN_DATASETS = [
+    ("XQuAD-en", "xquad_en"),
+    ("TyDiQA-en", "tydiqa_en"),
+    ("MLQA-en", "mlqa_en"),
+    ("SQuAD", "squad"),
+    ("SST-2", "sst2"),
+    ("OpenbookQA", "openbookqa"),
+]
+UNSEEN_TASKS = [
+    ("COPA", "copa"),
+    ("Winogrande", "winogrande"),
+    ("WiC", "wic"),
+    ("MNLI", "mnli"),
+    ("RTE", "rte"),
+]
 # The model card's numbers (`shared/reference/prompts.md`): QA sets are (F1, EM).
 PUBLISHED = {
-    "LLaMA-7b": {"xquad_en": (9.5, 2.0), "tydiqa_en": (14.3, 2.6), "mlqa_en": (13.4, 3.3),
-                 "squad": (29.4, 11.5), "sst2": 50.5, "openbookqa": 32.4, "copa": 56.0,
-                 "winogrande": 49.3, "wic": 51.7, "mnli": 30.2, "rte": 52.7},
-    "MT-LLaMA-7b": {"xquad_en": (42.3, 31.1), "tydiqa_en": (38.9, 26.9), "mlqa_en": (45.4, 31.5),
-                    "squad": (85.9, 77.6), "sst2": 92.6, "openbookqa": 38.2, "copa": 88.0,
-                    "winogrande": 54.9, "wic": 52.2, "mnli": 49.6, "rte": 79.1},
+    "LLaMA-7b": {
+        "xquad_en": (9.5, 2.0),
+        "tydiqa_en": (14.3, 2.6),
+        "mlqa_en": (13.4, 3.3),
+        "squad": (29.4, 11.5),
+        "sst2": 50.5,
+        "openbookqa": 32.4,
+        "copa": 56.0,
+        "winogrande": 49.3,
+        "wic": 51.7,
+        "mnli": 30.2,
+        "rte": 52.7,
+    },
+    "MT-LLaMA-7b": {
+        "xquad_en": (42.3, 31.1),
+        "tydiqa_en": (38.9, 26.9),
+        "mlqa_en": (45.4, 31.5),
+        "squad": (85.9, 77.6),
+        "sst2": 92.6,
+        "openbookqa": 38.2,
+        "copa": 88.0,
+        "winogrande": 54.9,
+        "wic": 52.2,
+        "mnli": 49.6,
+        "rte": 79.1,
+    },
 }
 # Our rows: (row suffix, protocol, metric of choice tasks); QA sets use generate F1/EM.
-PROTOCOL_ROWS = [("generate, original matcher", "generate", "accuracy_original"),
-                 ("generate, strict matcher", "generate", "accuracy_strict"),
-                 ("rank", "rank", "accuracy"),
-                 ("rank, length-normalised", "rank", "accuracy_norm")]
+PROTOCOL_ROWS = [
+    ("generate, original matcher", "generate", "accuracy_original"),
+    ("generate, strict matcher", "generate", "accuracy_strict"),
+    ("rank", "rank", "accuracy"),
+    ("rank, length-normalised", "rank", "accuracy_norm"),
+]
 
 
 def _by_set(results: Mapping) -> dict[str, Mapping]:
@@ -82,52 +115,79 @@ def _other_tasks_table(runs: Mapping[str, Mapping]) -> list[str]:
             lines.append(f"| {label} | {name} | {result['examples']} | " + " | ".join(cells) + " |")
     if not lines:
         return []
-    return ["| run | task | examples | " + " | ".join(heads) + " |",
-            "|---" * (len(heads) + 3) + "|", *lines]
+    return [
+        "| run | task | examples | " + " | ".join(heads) + " |",
+        "|---" * (len(heads) + 3) + "|",
+        *lines,
+    ]
 
 
 def _t0_table(runs: Mapping[str, Mapping]) -> list[str]:
     lines = []
     for label, results in runs.items():
         for dataset, medians in results.get("t0_median", {}).items():
-            cells = [f"{medians[f'{p}/{m}']:.1f}" if f"{p}/{m}" in medians else "–"
-                     for _, p, m in PROTOCOL_ROWS]
-            lines.append(f"| {label} | {dataset} | {medians['prompts']} | "
-                         + " | ".join(cells) + " |")
+            cells = [
+                f"{medians[f'{p}/{m}']:.1f}" if f"{p}/{m}" in medians else "–"
+                for _, p, m in PROTOCOL_ROWS
+            ]
+            lines.append(
+                f"| {label} | {dataset} | {medians['prompts']} | " + " | ".join(cells) + " |"
+            )
     if not lines:
         return []
     heads = [suffix for suffix, _, _ in PROTOCOL_ROWS]
-    return ["| run | dataset | prompts | " + " | ".join(heads) + " |",
-            "|---" * (len(heads) + 3) + "|", *lines]
+    return [
+        "| run | dataset | prompts | " + " | ".join(heads) + " |",
+        "|---" * (len(heads) + 3) + "|",
+        *lines,
+    ]
 
 
 def markdown_report(runs: Mapping[str, Mapping]) -> str:
     """The tables of several runs ({label: evaluation results}) as markdown."""
     out = []
     if any(_by_set(r) for r in runs.values()):
-        out += ["### Unseen datasets", "", *_card_table(UNSEEN_DATASETS, runs), "",
-                "### Unseen tasks", "", *_card_table(UNSEEN_TASKS, runs), "",
-                "Published rows: greedy generation, 64 new tokens, stopped at a newline, "
-                "scored by the released code's matcher (our `generate, original matcher` rows).",
-                ""]
+        out += [
+            "### Unseen datasets",
+            "",
+            *_card_table(UNSEEN_DATASETS, runs),
+            "",
+            "### Unseen tasks",
+            "",
+            *_card_table(UNSEEN_TASKS, runs),
+            "",
+            "Published rows: greedy generation, 64 new tokens, stopped at a newline, "
+            "scored by the released code's matcher (our `generate, original matcher` rows).",
+            "",
+        ]
     other = _other_tasks_table(runs)
     if other:
         out += ["### Other tasks (accuracy, %)", "", *other, ""]
     t0 = _t0_table(runs)
     if t0:
         out += ["### T0 held-out datasets (median over prompts, %)", "", *t0, ""]
-    skipped = [(label, name, why) for label, r in runs.items()
-               for name, why in r.get("skipped", {}).items()]
+    skipped = [
+        (label, name, why)
+        for label, r in runs.items()
+        for name, why in r.get("skipped", {}).items()
+    ]
     if skipped:
-        out += ["### Skipped", "", *[f"- {label}: `{name}`: {why}" for label, name, why in skipped],
-                ""]
+        out += [
+            "### Skipped",
+            "",
+            *[f"- {label}: `{name}`: {why}" for label, name, why in skipped],
+            "",
+        ]
     return "\n".join(out)
 
 
 def _bars(runs: Mapping[str, Mapping]) -> tuple[list[str], dict[str, list[float | None]]]:
     """Task labels and, per series, one headline value per task (None: not measured)."""
-    columns = [(h, s) for h, s in UNSEEN_DATASETS + UNSEEN_TASKS
-               if any(s in _by_set(r) for r in runs.values())]
+    columns = [
+        (h, s)
+        for h, s in UNSEEN_DATASETS + UNSEEN_TASKS
+        if any(s in _by_set(r) for r in runs.values())
+    ]
     names = [n for r in runs.values() for n, t in r["tasks"].items() if not t.get("set")]
     names = list(dict.fromkeys(names))
     labels = [h for h, _ in columns] + names
@@ -142,7 +202,8 @@ def _bars(runs: Mapping[str, Mapping]) -> tuple[list[str], dict[str, list[float 
         for suffix, protocol, metric in (PROTOCOL_ROWS[0], PROTOCOL_ROWS[2]):
             values = []
             for result in [sets.get(s) for _, s in columns] + [
-                    results["tasks"].get(n) for n in names]:
+                results["tasks"].get(n) for n in names
+            ]:
                 scores = (result or {}).get(protocol, {})
                 values.append(scores.get("f1", scores.get(metric)))
             if any(v is not None for v in values):

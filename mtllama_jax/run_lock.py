@@ -34,9 +34,11 @@ def _me() -> dict:
 
 def _describe(holder: dict, path: str) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-    return (f"{os.path.dirname(path)} is in use by another run (host {holder.get('host')}, "
-            f"pid {holder.get('pid')}, since {since}; lock {path}). Wait for it to end or "
-            "stop it, or use another MODEL_DIR.")
+    return (
+        f"{os.path.dirname(path)} is in use by another run (host {holder.get('host')}, "
+        f"pid {holder.get('pid')}, since {since}; lock {path}). Wait for it to end or "
+        "stop it, or use another MODEL_DIR."
+    )
 
 
 class ModelDirLock:
@@ -45,8 +47,14 @@ class ModelDirLock:
     `heartbeat=None` picks flock for local paths and a heartbeat file for URLs.
     """
 
-    def __init__(self, model_dir: str, *, heartbeat: bool | None = None,
-                 heartbeat_s: float = 60.0, stale_s: float = 300.0):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        heartbeat: bool | None = None,
+        heartbeat_s: float = 60.0,
+        stale_s: float = 300.0,
+    ):
         self.model_dir = model_dir
         self.heartbeat = "://" in model_dir if heartbeat is None else heartbeat
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
@@ -65,8 +73,9 @@ class ModelDirLock:
         if jax.process_count() > 1:
             busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
             if busy and error is None:
-                error = ModelDirBusy(f"{self.model_dir} is in use by another run (see "
-                                     "process 0's message)")
+                error = ModelDirBusy(
+                    f"{self.model_dir} is in use by another run (see process 0's message)"
+                )
         if error is not None:
             raise error
         return self
@@ -119,8 +128,11 @@ class ModelDirLock:
     def _acquire_heartbeat(self) -> None:
         me = _me()
         holder = self._read_holder()
-        if (holder and (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"])
-                and time.time() - holder.get("heartbeat", 0) < self.stale_s):
+        if (
+            holder
+            and (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"])
+            and time.time() - holder.get("heartbeat", 0) < self.stale_s
+        ):
             raise ModelDirBusy(_describe(holder, self.path))
         path = self._epath()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +152,8 @@ class ModelDirLock:
 
     def _release_heartbeat(self) -> None:
         holder = self._read_holder()
-        if holder and (holder.get("host"), holder.get("pid")) == (self._record["host"],
-                                                                  self._record["pid"]):
+        if holder and (holder.get("host"), holder.get("pid")) == (
+            self._record["host"],
+            self._record["pid"],
+        ):
             self._epath().unlink(missing_ok=True)

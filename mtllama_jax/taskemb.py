@@ -83,8 +83,12 @@ def subset_paths(config: LlamaConfig, subset: str) -> tuple[str, ...]:
     """The param paths of a named subset (checked against the model's tree)."""
     if subset not in PARAM_SUBSETS:
         raise ValueError(f"taskemb subset={subset!r}: choose one of {tuple(PARAM_SUBSETS)}")
-    names = {"/".join(_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(
-        nn.unbox(partitioning.abstract_params(config)))}
+    names = {
+        "/".join(_names(p))
+        for p, _ in jax.tree_util.tree_leaves_with_path(
+            nn.unbox(partitioning.abstract_params(config))
+        )
+    }
     missing = [p for p in PARAM_SUBSETS[subset] if p not in names]
     if missing:
         raise ValueError(f"subset {subset!r}: the model has no parameter(s) {missing}")
@@ -97,6 +101,7 @@ def _names(path) -> tuple[str, ...]:
 
 def _split(params, paths: Sequence[str]):
     """(subset leaves in `paths` order, a function putting new leaves back into `params`)."""
+
     def get(tree, path):
         for key in path.split("/"):
             tree = tree[key]
@@ -126,8 +131,17 @@ def normalise(vector: np.ndarray) -> np.ndarray:
 class Embedder:
     """Compiled Fisher and hidden-state passes of one surrogate model on one mesh."""
 
-    def __init__(self, config: LlamaConfig, mesh=None, rules=None, *, subset: str = "norms",
-                 batch_size: int = 16, max_length: int | None = None, length_bucket: int = 64):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        mesh=None,
+        rules=None,
+        *,
+        subset: str = "norms",
+        batch_size: int = 16,
+        max_length: int | None = None,
+        length_bucket: int = 64,
+    ):
         if mesh is None:
             mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         self.config, self.mesh = config, mesh
@@ -149,8 +163,12 @@ class Embedder:
 
     # ---- public ----------------------------------------------------------------------------
 
-    def fisher(self, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-               progress: str | None = None) -> tuple[np.ndarray, int]:
+    def fisher(
+        self,
+        params,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        progress: str | None = None,
+    ) -> tuple[np.ndarray, int]:
         """(mean squared per-example gradient, flattened over the subset; examples used).
 
         `pairs` are (prompt ids without BOS, response ids with EOS). The
@@ -167,7 +185,8 @@ class Embedder:
         params = self._put(params)
         for batch, rows in self._batches(pairs, progress, kind):
             out = self._fn(kind, batch["input_tokens"].shape)(
-                params, *(self._rows(batch[k]) for k in _FEATURES))
+                params, *(self._rows(batch[k]) for k in _FEATURES)
+            )
             out = np.asarray(jax.device_get(out), np.float64)
             total = out if total is None else total + out
             used += rows
@@ -189,17 +208,18 @@ class Embedder:
 
         fitted = []
         for inputs, targets in pairs:
-            inputs, targets = list(inputs), list(targets)[:self.max_length]
+            inputs, targets = list(inputs), list(targets)[: self.max_length]
             excess = len(inputs) + len(targets) - self.max_length
             if excess > 0:
                 inputs = inputs[excess:]
                 self.cut_prompts += 1
             fitted.append((np.asarray(inputs, np.int32), np.asarray(targets, np.int32)))
-        chunks = [fitted[i:i + self.batch_size] for i in range(0, len(fitted), self.batch_size)]
+        chunks = [fitted[i : i + self.batch_size] for i in range(0, len(fitted), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"{what} {progress}", disable=progress is None):
             longest = max(len(i) + len(t) for i, t in chunk)
-            length = min(self.max_length,
-                         self.length_bucket * math.ceil(longest / self.length_bucket))
+            length = min(
+                self.max_length, self.length_bucket * math.ceil(longest / self.length_bucket)
+            )
             rows = [[pair] for pair in chunk] + [[]] * (self.batch_size - len(chunk))
             yield data.rows_to_batch(rows, length, self.config.bos_token_id), len(chunk)
 
@@ -207,8 +227,9 @@ class Embedder:
         return jax.device_put(params, self.param_shardings)
 
     def _rows(self, array: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(array.shape, self.batch_sharding,
-                                            lambda index: array[index])
+        return jax.make_array_from_callback(
+            array.shape, self.batch_sharding, lambda index: array[index]
+        )
 
     # ---- compiled --------------------------------------------------------------------------
 
@@ -217,8 +238,11 @@ class Embedder:
         if key not in self._compiled:
             body = self._fisher_body if kind == "fisher" else self._hidden_body
             b = self.batch_sharding
-            fn = jax.jit(body, in_shardings=(self.param_shardings, b, b, b, b, b),
-                         out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+            fn = jax.jit(
+                body,
+                in_shardings=(self.param_shardings, b, b, b, b, b),
+                out_shardings=NamedSharding(self.mesh, PartitionSpec()),
+            )
             self._compiled[key] = _in_context(fn, self.mesh, self.rules)
         return self._compiled[key]
 
@@ -233,23 +257,31 @@ class Embedder:
 
         # Rows are examples: the vmapped axis is split over the batch mesh axes and
         # the model sees a batch of one, so its own batch axis must stay unsharded.
-        per_example = jax.vmap(jax.grad(loglik), in_axes=(None, 0),
-                               spmd_axis_name=self.row_axes or None)
+        per_example = jax.vmap(
+            jax.grad(loglik), in_axes=(None, 0), spmd_axis_name=self.row_axes or None
+        )
         with nn.logical_axis_rules(_unbatched(self.rules, self.row_axes)):
             grads = per_example(leaves, (tokens, targets, positions, segments, weights))
-        return jnp.concatenate([jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0).reshape(-1)
-                                for g in grads])
+        return jnp.concatenate(
+            [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0).reshape(-1) for g in grads]
+        )
 
     def _hidden_body(self, params, tokens, targets, positions, segments, weights):
         del targets
         _, state = self.model.apply(
-            {"params": params}, tokens, positions=positions, segment_ids=segments,
+            {"params": params},
+            tokens,
+            positions=positions,
+            segment_ids=segments,
             capture_intermediates=lambda module, method: module.name == "final_norm",
-            mutable=["intermediates"])
+            mutable=["intermediates"],
+        )
         hidden = state["intermediates"]["final_norm"]["__call__"][0].astype(jnp.float32)
         prompt = ((segments != 0) & (weights == 0)).astype(jnp.float32)  # BOS + prompt
-        per_row = jnp.sum(hidden * prompt[..., None], axis=1) / jnp.maximum(
-            jnp.sum(prompt, axis=1), 1.0)[:, None]
+        per_row = (
+            jnp.sum(hidden * prompt[..., None], axis=1)
+            / jnp.maximum(jnp.sum(prompt, axis=1), 1.0)[:, None]
+        )
         return jnp.sum(per_row, axis=0)
 
 
@@ -258,6 +290,7 @@ _FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_
 
 def _unbatched(rules, row_axes: tuple[str, ...]):
     """The rules inside the per-example vmap: no logical axis on the rows' mesh axes."""
+
     def keep(axes):
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         left = tuple(a for a in axes if a not in row_axes)
@@ -277,8 +310,9 @@ def _in_context(fn, mesh, rules):
 # ---- tasks -> pairs ----------------------------------------------------------------------
 
 
-def load_pairs(task: str, split: str, num_examples: int, seed: int = 0
-               ) -> tuple[list[tuple[list[int], list[int]]], list[str]]:
+def load_pairs(
+    task: str, split: str, num_examples: int, seed: int = 0
+) -> tuple[list[tuple[list[int], list[int]]], list[str]]:
     """Up to `num_examples` (inputs, targets) of a seqio task, and notes (fewer than asked).
 
     The examples are the first `num_examples` of the split after a shuffle by
@@ -291,17 +325,23 @@ def load_pairs(task: str, split: str, num_examples: int, seed: int = 0
         raise MissingTargets(
             f"task {task!r} has no 'targets' output feature (it has "
             f"{sorted(provider.output_features)}); a task embedding needs responses: register "
-            "the task with a 'targets' feature")
-    ds = provider.get_dataset(sequence_length=None, split=split, shuffle=True, seed=seed,
-                              num_epochs=1)
-    pairs = [(ex["inputs"].tolist() if "inputs" in ex else [], ex["targets"].tolist())
-             for ex in ds.take(num_examples).as_numpy_iterator()]
+            "the task with a 'targets' feature"
+        )
+    ds = provider.get_dataset(
+        sequence_length=None, split=split, shuffle=True, seed=seed, num_epochs=1
+    )
+    pairs = [
+        (ex["inputs"].tolist() if "inputs" in ex else [], ex["targets"].tolist())
+        for ex in ds.take(num_examples).as_numpy_iterator()
+    ]
     if not pairs:
         raise NoExamples(f"task {task!r}: split {split!r} has no examples")
     notes = []
     if len(pairs) < num_examples:
-        note = (f"task {task!r}: split {split!r} has {len(pairs)} examples, fewer than "
-                f"num_examples={num_examples}; its embeddings average the {len(pairs)} there are")
+        note = (
+            f"task {task!r}: split {split!r} has {len(pairs)} examples, fewer than "
+            f"num_examples={num_examples}; its embeddings average the {len(pairs)} there are"
+        )
         warnings.warn(note, FewerExamples, stacklevel=2)
         notes.append(note)
     return pairs, notes
@@ -321,7 +361,8 @@ def check_vocabulary(config: LlamaConfig, tokenizer: str | None, task: str) -> N
         raise VocabularyMismatch(
             f"task {task!r} is tokenised with a {size}-piece vocabulary ({vocab}), but the "
             f"checkpoint's config.json has vocab_size {config.vocab_size}: use a checkpoint "
-            "trained with the task's tokenizer, or register the task with the checkpoint's")
+            "trained with the task's tokenizer, or register the task with the checkpoint's"
+        )
     mine = getattr(vocab, "sentencepiece_model_file", None)
     if tokenizer and mine and os.path.exists(mine):
         with open(tokenizer, "rb") as f, open(mine, "rb") as g:
@@ -330,16 +371,24 @@ def check_vocabulary(config: LlamaConfig, tokenizer: str | None, task: str) -> N
             raise VocabularyMismatch(
                 f"task {task!r} is tokenised with {mine}, but the checkpoint's tokenizer is "
                 f"{tokenizer} (another file): use a checkpoint trained with the task's "
-                "tokenizer, or point tokenizer_settings.path at the checkpoint's")
+                "tokenizer, or point tokenizer_settings.path at the checkpoint's"
+            )
 
 
 # ---- model answers -----------------------------------------------------------------------
 
 
-def model_answers(decoder, params, vocabulary, prompts: Sequence[Sequence[int]], *,
-                  batch_size: int = 16, max_new_tokens: int = 32,
-                  stop_strings: Sequence[str] = ("\n",), progress: str | None = None
-                  ) -> list[list[int]]:
+def model_answers(
+    decoder,
+    params,
+    vocabulary,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    stop_strings: Sequence[str] = ("\n",),
+    progress: str | None = None,
+) -> list[list[int]]:
     """A model's greedy answers to prompts (ids without BOS) as response ids ending in EOS.
 
     The answer stops at EOS or a stop string (MT-LLaMA's protocol: a newline);
@@ -349,11 +398,16 @@ def model_answers(decoder, params, vocabulary, prompts: Sequence[Sequence[int]],
 
     bos, eos = decoder.config.bos_token_id, decoder.config.eos_token_id
     out = []
-    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     for chunk in tqdm(chunks, desc=f"answers {progress}", disable=progress is None):
-        gens = decoder.generate(params, [[bos] + list(p) for p in chunk],
-                                max_new_tokens=max_new_tokens, stop_token_ids=[eos],
-                                stop_strings=stop_strings, detokenize=vocabulary.decode)
+        gens = decoder.generate(
+            params,
+            [[bos] + list(p) for p in chunk],
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=[eos],
+            stop_strings=stop_strings,
+            detokenize=vocabulary.decode,
+        )
         for g in gens:
             ids = list(vocabulary.encode(g.text)) if g.finish_reason == "stop" else g.tokens
             out.append(ids + [eos])
@@ -363,25 +417,35 @@ def model_answers(decoder, params, vocabulary, prompts: Sequence[Sequence[int]],
 class AnswerModel:
     """A model that answers prompts greedily (for model embeddings) and is scored on tasks."""
 
-    def __init__(self, decoder, params, vocabulary, *, batch_size: int = 16,
-                 max_new_tokens: int = 32):
+    def __init__(
+        self, decoder, params, vocabulary, *, batch_size: int = 16, max_new_tokens: int = 32
+    ):
         self.decoder, self.params, self.vocabulary = decoder, params, vocabulary
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def answer(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Greedy answers (ids ending in EOS) to prompts (ids without BOS)."""
-        return model_answers(self.decoder, self.params, self.vocabulary, prompts,
-                             batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        return model_answers(
+            self.decoder,
+            self.params,
+            self.vocabulary,
+            prompts,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+        )
 
-    def accuracy(self, tasks: Sequence[str], split: str, max_examples: int | None = None
-                 ) -> dict[str, float]:
+    def accuracy(
+        self, tasks: Sequence[str], split: str, max_examples: int | None = None
+    ) -> dict[str, float]:
         """Rank-classification accuracy (%, T0's protocol) of each task on `split`."""
         from mtllama_jax import evaluation
 
-        options = evaluation.EvalOptions(protocols=("rank",), split=split,
-                                         batch_size=self.batch_size, max_examples=max_examples)
-        results = evaluation.evaluate(self.params, self.decoder.config, self.vocabulary, tasks,
-                                      options, decoder=self.decoder)
+        options = evaluation.EvalOptions(
+            protocols=("rank",), split=split, batch_size=self.batch_size, max_examples=max_examples
+        )
+        results = evaluation.evaluate(
+            self.params, self.decoder.config, self.vocabulary, tasks, options, decoder=self.decoder
+        )
         return {t: r["rank"]["accuracy"] for t, r in results["tasks"].items() if "rank" in r}
 
 
@@ -391,8 +455,13 @@ def data_embedding(embedder: Embedder, params, pairs, progress: str | None = Non
     return Embedding(normalise(fisher), used)
 
 
-def model_embedding(embedder: Embedder, surrogate_params, pairs, answers: Sequence[Sequence[int]],
-                    progress: str | None = None) -> Embedding:
+def model_embedding(
+    embedder: Embedder,
+    surrogate_params,
+    pairs,
+    answers: Sequence[Sequence[int]],
+    progress: str | None = None,
+) -> Embedding:
     """The normalised Fisher (surrogate) of the same prompts with a model's answers as labels."""
     if len(answers) != len(pairs):
         raise ValueError(f"{len(answers)} answers for {len(pairs)} examples; give one each")
@@ -401,17 +470,24 @@ def model_embedding(embedder: Embedder, surrogate_params, pairs, answers: Sequen
     return Embedding(normalise(fisher), used)
 
 
-def baseline_embedding(embedder: Embedder, params, pairs, progress: str | None = None
-                       ) -> Embedding:
+def baseline_embedding(embedder: Embedder, params, pairs, progress: str | None = None) -> Embedding:
     """The normalised mean final hidden state over the prompts."""
     mean, used = embedder.hidden_mean(params, pairs, progress)
     return Embedding(normalise(mean), used)
 
 
-def embed_tasks(embedder: Embedder, params, tasks: Sequence[str], *,
-                methods: Sequence[str] = ("data", "baseline"), split: str = "train",
-                num_examples: int = 64, seed: int = 0, answer=None, progress: bool = True
-                ) -> dict[str, dict[str, Embedding]]:
+def embed_tasks(
+    embedder: Embedder,
+    params,
+    tasks: Sequence[str],
+    *,
+    methods: Sequence[str] = ("data", "baseline"),
+    split: str = "train",
+    num_examples: int = 64,
+    seed: int = 0,
+    answer=None,
+    progress: bool = True,
+) -> dict[str, dict[str, Embedding]]:
     """{method: {task: Embedding}} for seqio tasks, all from the same N examples per task.
 
     `answer(prompts) -> responses` (e.g. `model_answers` bound to a model) gives
@@ -437,8 +513,10 @@ def embed_tasks(embedder: Embedder, params, tasks: Sequence[str], *,
             out[method][task] = emb
         cut = embedder.cut_prompts - cut_before
         if cut:
-            notes.append(f"task {task!r}: {cut} prompts cut from the left to fit "
-                         f"max_length={embedder.max_length}")
+            notes.append(
+                f"task {task!r}: {cut} prompts cut from the left to fit "
+                f"max_length={embedder.max_length}"
+            )
         for method in methods:
             out[method][task].notes = list(notes)
     return out

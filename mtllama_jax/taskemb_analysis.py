@@ -35,8 +35,9 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
 # ---- uses --------------------------------------------------------------------------------
 
 
-def nearest(names: Sequence[str], similarity: np.ndarray, k: int = 3
-            ) -> dict[str, list[tuple[str, float]]]:
+def nearest(
+    names: Sequence[str], similarity: np.ndarray, k: int = 3
+) -> dict[str, list[tuple[str, float]]]:
     """Each task's k most similar other tasks, with their similarities."""
     out = {}
     for i, name in enumerate(names):
@@ -51,8 +52,9 @@ def cluster(similarity: np.ndarray, num_clusters: int) -> np.ndarray:
 
     if len(similarity) < 2:
         return np.zeros(len(similarity), int)
-    model = AgglomerativeClustering(n_clusters=min(num_clusters, len(similarity)),
-                                    metric="precomputed", linkage="average")
+    model = AgglomerativeClustering(
+        n_clusters=min(num_clusters, len(similarity)), metric="precomputed", linkage="average"
+    )
     return model.fit_predict(np.clip(1.0 - similarity, 0.0, None))
 
 
@@ -63,8 +65,13 @@ def adjusted_rand(true_labels: Sequence[str], predicted: Sequence[int]) -> float
     return float(adjusted_rand_score(list(true_labels), list(predicted)))
 
 
-def select_mixture(target: str, embeddings: Mapping[str, np.ndarray], candidates: Sequence[str],
-                   k: int, seed: int = 0) -> dict[str, list[str]]:
+def select_mixture(
+    target: str,
+    embeddings: Mapping[str, np.ndarray],
+    candidates: Sequence[str],
+    k: int,
+    seed: int = 0,
+) -> dict[str, list[str]]:
     """The k candidate tasks nearest the target's embedding, and k drawn at random by `seed`."""
     pool = [c for c in candidates if c != target]
     if k > len(pool):
@@ -73,23 +80,28 @@ def select_mixture(target: str, embeddings: Mapping[str, np.ndarray], candidates
     return {"nearest": ranked[:k], "random": random.Random(seed).sample(pool, k)}
 
 
-def select_prompt(distances: Mapping[str, float], accuracy: Mapping[str, float], seed: int = 0
-                  ) -> dict[str, Any]:
+def select_prompt(
+    distances: Mapping[str, float], accuracy: Mapping[str, float], seed: int = 0
+) -> dict[str, Any]:
     """The template nearest its data embedding vs the mean, a random pick and the best one."""
     templates = list(distances)
     chosen = min(templates, key=lambda t: distances[t])
     picked = random.Random(seed).choice(templates)
     best = max(templates, key=lambda t: accuracy[t])
     return {
-        "chosen": chosen, "chosen_accuracy": accuracy[chosen],
+        "chosen": chosen,
+        "chosen_accuracy": accuracy[chosen],
         "mean_accuracy": float(np.mean([accuracy[t] for t in templates])),
-        "random": picked, "random_accuracy": accuracy[picked],
-        "oracle": best, "oracle_accuracy": accuracy[best],
+        "random": picked,
+        "random_accuracy": accuracy[picked],
+        "oracle": best,
+        "oracle_accuracy": accuracy[best],
     }
 
 
-def prompt_selection(embeddings: Mapping[str, Mapping[str, Embedding]],
-                     accuracy: Mapping[str, float], seed: int = 0) -> dict[str, dict]:
+def prompt_selection(
+    embeddings: Mapping[str, Mapping[str, Embedding]], accuracy: Mapping[str, float], seed: int = 0
+) -> dict[str, dict]:
     """Per cluster of template tasks: `select_prompt` on model-to-data distances."""
     tasks = [t for t in embeddings["data"] if t in accuracy]
     clusters = true_clusters(tasks)
@@ -98,48 +110,76 @@ def prompt_selection(embeddings: Mapping[str, Mapping[str, Embedding]],
         groups.setdefault(clusters.get(t, "tasks"), []).append(t)
     out = {}
     for group, names in groups.items():
-        dist = {t: distance(embeddings["model"][t].vector, embeddings["data"][t].vector)
-                for t in names}
+        dist = {
+            t: distance(embeddings["model"][t].vector, embeddings["data"][t].vector) for t in names
+        }
         out[group] = select_prompt(dist, {t: accuracy[t] for t in names}, seed) | {
-            "distances": dist, "accuracy": {t: accuracy[t] for t in names}}
+            "distances": dist,
+            "accuracy": {t: accuracy[t] for t in names},
+        }
     return out
 
 
 def markdown(report: Mapping[str, Any]) -> str:
     """The report of any mode as Markdown."""
-    lines = [f"# Task embeddings: {report['mode']}", "",
-             f"Surrogate {report['checkpoint']}; Fisher over {report['subset']} "
-             f"({', '.join(report['parameters'])}); {report['num_examples']} examples per task "
-             f"of split {report['split']!r}, seed {report['seed']}.", ""]
+    lines = [
+        f"# Task embeddings: {report['mode']}",
+        "",
+        f"Surrogate {report['checkpoint']}; Fisher over {report['subset']} "
+        f"({', '.join(report['parameters'])}); {report['num_examples']} examples per task "
+        f"of split {report['split']!r}, seed {report['seed']}.",
+        "",
+    ]
     lines += [f"* note: {n}" for n in report["notes"]]
     if report["mode"] == "similarity":
         for method, result in report["methods"].items():
             lines += ["", f"## {method} embedding", ""]
             if "ari" in result:
-                lines += [f"Adjusted Rand index against the true clusters: {result['ari']:.3f} "
-                          f"({result['clustered_tasks']} tasks).", ""]
+                lines += [
+                    f"Adjusted Rand index against the true clusters: {result['ari']:.3f} "
+                    f"({result['clustered_tasks']} tasks).",
+                    "",
+                ]
             lines += ["| task | nearest tasks (cosine similarity) |", "|---|---|"]
-            lines += [f"| {t} | " + ", ".join(f"{n} ({s:.3f})" for n, s in near) + " |"
-                      for t, near in result["nearest"].items()]
+            lines += [
+                f"| {t} | " + ", ".join(f"{n} ({s:.3f})" for n, s in near) + " |"
+                for t, near in result["nearest"].items()
+            ]
     elif report["mode"] == "prompts":
-        lines += ["", "| cluster | chosen (acc) | mean | random (acc) | oracle (acc) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| cluster | chosen (acc) | mean | random (acc) | oracle (acc) |",
+            "|---|---|---|---|---|",
+        ]
         for group, r in report["prompts"].items():
-            lines.append(f"| {group} | {r['chosen']} ({r['chosen_accuracy']:.1f}) | "
-                         f"{r['mean_accuracy']:.1f} | {r['random']} ({r['random_accuracy']:.1f}) "
-                         f"| {r['oracle']} ({r['oracle_accuracy']:.1f}) |")
+            lines.append(
+                f"| {group} | {r['chosen']} ({r['chosen_accuracy']:.1f}) | "
+                f"{r['mean_accuracy']:.1f} | {r['random']} ({r['random_accuracy']:.1f}) "
+                f"| {r['oracle']} ({r['oracle_accuracy']:.1f}) |"
+            )
         lines += ["", "| template | model-to-data distance | rank accuracy (%) |", "|---|---|---|"]
         for r in report["prompts"].values():
-            lines += [f"| {t} | {d:.4f} | {r['accuracy'][t]:.1f} |"
-                      for t, d in sorted(r["distances"].items(), key=lambda kv: kv[1])]
+            lines += [
+                f"| {t} | {d:.4f} | {r['accuracy'][t]:.1f} |"
+                for t, d in sorted(r["distances"].items(), key=lambda kv: kv[1])
+            ]
     else:
-        lines += ["", f"Target {report['target']}; k = {report['k']}.", "",
-                  "| pick | tasks |", "|---|---|",
-                  f"| nearest | {', '.join(report['nearest'])} |",
-                  f"| random | {', '.join(report['random'])} |", "",
-                  "| candidate | distance to the target |", "|---|---|"]
-        lines += [f"| {t} | {d:.4f} |"
-                  for t, d in sorted(report["distances"].items(), key=lambda kv: kv[1])]
+        lines += [
+            "",
+            f"Target {report['target']}; k = {report['k']}.",
+            "",
+            "| pick | tasks |",
+            "|---|---|",
+            f"| nearest | {', '.join(report['nearest'])} |",
+            f"| random | {', '.join(report['random'])} |",
+            "",
+            "| candidate | distance to the target |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {t} | {d:.4f} |"
+            for t, d in sorted(report["distances"].items(), key=lambda kv: kv[1])
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +196,15 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
 def similarity_tsv(names: Sequence[str], similarity: np.ndarray) -> str:
     """The similarity matrix as tab-separated text with task names on both axes."""
     lines = ["task\t" + "\t".join(names)]
-    lines += [names[i] + "\t" + "\t".join(f"{v:.4f}" for v in row)
-              for i, row in enumerate(similarity)]
+    lines += [
+        names[i] + "\t" + "\t".join(f"{v:.4f}" for v in row) for i, row in enumerate(similarity)
+    ]
     return "\n".join(lines) + "\n"
 
 
-def heatmap(names: Sequence[str], similarity: np.ndarray, clusters: Mapping[str, str],
-            path: str, title: str) -> None:
+def heatmap(
+    names: Sequence[str], similarity: np.ndarray, clusters: Mapping[str, str], path: str, title: str
+) -> None:
     """A PNG of the similarity matrix, tasks ordered by cluster, lines between clusters."""
     import matplotlib
 
@@ -195,7 +237,10 @@ def true_clusters(names: Sequence[str]) -> dict[str, str]:
     """The true cluster of each task: the synthetic world's, or t0_train_tasks.tsv's."""
     from mtllama_jax.tasks import p3, synthetic
 
-    by_name = {synthetic.task_name(c, t): c for c in synthetic.CLUSTERS
-               for t in range(synthetic.num_templates(c))}
+    by_name = {
+        synthetic.task_name(c, t): c
+        for c in synthetic.CLUSTERS
+        for t in range(synthetic.num_templates(c))
+    }
     by_name.update({row["task"]: row["task_cluster"] for row in p3.t0_train_table()})
     return {n: by_name[n] for n in names if n in by_name}

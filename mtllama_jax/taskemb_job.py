@@ -28,12 +28,20 @@ import os
 import sys
 from typing import Sequence
 
-import gin
 import jax
 import numpy as np
 
-from mtllama_jax import (atomic, checkpoint_folder, decoding, evaluation, launch, partitioning,
-                         taskemb, taskemb_analysis)
+import gin
+from mtllama_jax import (
+    atomic,
+    checkpoint_folder,
+    decoding,
+    evaluation,
+    launch,
+    partitioning,
+    taskemb,
+    taskemb_analysis,
+)
 from mtllama_jax.gin_configurables import mesh
 
 MODES = ("similarity", "prompts", "mixture")
@@ -43,7 +51,8 @@ def open_surrogate(folder: str, mesh_, rules, step: int | None = None):
     """(config, params on the mesh, tokenizer.model path or None) of a checkpoint folder."""
     config = checkpoint_folder.load_config(folder)
     params = checkpoint_folder.load_params(
-        folder, partitioning.param_shardings(config, mesh_, rules), step=step)
+        folder, partitioning.param_shardings(config, mesh_, rules), step=step
+    )
     tokenizer = os.path.join(folder, checkpoint_folder.TOKENIZER)
     return config, params, tokenizer if os.path.exists(tokenizer) else None
 
@@ -106,34 +115,57 @@ def job(
     if mode == "mixture":
         if not target:
             raise ValueError("taskemb.mode='mixture' needs taskemb.target, the target task")
-        pool = [t for t in evaluation.task_names(candidates or mixture_or_task_names)
-                if t != target]
+        pool = [
+            t for t in evaluation.task_names(candidates or mixture_or_task_names) if t != target
+        ]
         tasks = [target] + pool
         methods = ("data",)
     for task in tasks:
         taskemb.check_vocabulary(config, tokenizer, task)
-    embedder = taskemb.Embedder(config, mesh_, rules, subset=subset, batch_size=batch_size,
-                                max_length=max_length)
+    embedder = taskemb.Embedder(
+        config, mesh_, rules, subset=subset, batch_size=batch_size, max_length=max_length
+    )
     model = None
     if mode == "prompts" or "model" in methods:
-        model = _model(model_checkpoint, mesh_, rules, config, params, tasks[0], max_new_tokens,
-                       batch_size)
+        model = _model(
+            model_checkpoint, mesh_, rules, config, params, tasks[0], max_new_tokens, batch_size
+        )
     if mode == "prompts":
         methods = ("data", "model")
-    print(f"mtllama-taskemb: {mode}: {len(tasks)} tasks, {num_examples} examples each, "
-          f"Fisher over {subset} ({', '.join(embedder.paths)})", flush=True)
-    embeddings = taskemb.embed_tasks(embedder, params, tasks, methods=methods, split=split,
-                                     num_examples=num_examples, seed=seed,
-                                     answer=model.answer if model else None)
-    report = {"mode": mode, "checkpoint": os.path.abspath(checkpoint), "subset": subset,
-              "parameters": list(embedder.paths), "num_examples": num_examples, "split": split,
-              "seed": seed, "notes": sorted({n for by_task in embeddings.values()
-                                             for e in by_task.values() for n in e.notes})}
+    print(
+        f"mtllama-taskemb: {mode}: {len(tasks)} tasks, {num_examples} examples each, "
+        f"Fisher over {subset} ({', '.join(embedder.paths)})",
+        flush=True,
+    )
+    embeddings = taskemb.embed_tasks(
+        embedder,
+        params,
+        tasks,
+        methods=methods,
+        split=split,
+        num_examples=num_examples,
+        seed=seed,
+        answer=model.answer if model else None,
+    )
+    report = {
+        "mode": mode,
+        "checkpoint": os.path.abspath(checkpoint),
+        "subset": subset,
+        "parameters": list(embedder.paths),
+        "num_examples": num_examples,
+        "split": split,
+        "seed": seed,
+        "notes": sorted(
+            {n for by_task in embeddings.values() for e in by_task.values() for n in e.notes}
+        ),
+    }
     primary = jax.process_index() == 0
     if primary:
         for method, by_task in embeddings.items():
-            taskemb_analysis.write_npz(os.path.join(output_dir, f"embeddings_{method}.npz"),
-                              {t: e.vector for t, e in by_task.items()})
+            taskemb_analysis.write_npz(
+                os.path.join(output_dir, f"embeddings_{method}.npz"),
+                {t: e.vector for t, e in by_task.items()},
+            )
     if mode == "similarity":
         report["methods"] = similarity(output_dir, embeddings, nearest_k, write=primary)
     elif mode == "prompts":
@@ -141,12 +173,16 @@ def job(
         report["prompts"] = taskemb_analysis.prompt_selection(embeddings, accuracy, seed)
     else:
         vectors = {t: e.vector for t, e in embeddings["data"].items()}
-        report |= {"target": target, "k": k} | taskemb_analysis.select_mixture(target, vectors, pool, k,
-                                                                      seed)
-        report["distances"] = {t: taskemb_analysis.distance(vectors[target], vectors[t]) for t in pool}
+        report |= {"target": target, "k": k} | taskemb_analysis.select_mixture(
+            target, vectors, pool, k, seed
+        )
+        report["distances"] = {
+            t: taskemb_analysis.distance(vectors[target], vectors[t]) for t in pool
+        }
     if primary:
-        atomic.write_text(os.path.join(output_dir, "report.json"),
-                             json.dumps(report, indent=1) + "\n")
+        atomic.write_text(
+            os.path.join(output_dir, "report.json"), json.dumps(report, indent=1) + "\n"
+        )
         atomic.write_text(os.path.join(output_dir, "report.md"), taskemb_analysis.markdown(report))
     return report
 
@@ -166,8 +202,13 @@ def _model(folder, mesh_, rules, config, params, task, max_new_tokens, batch_siz
     if folder is not None:
         config, params, _ = open_surrogate(folder, mesh_, rules)
     vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
-    return taskemb.AnswerModel(decoding.Decoder(config, mesh_, rules), params, vocabulary,
-                               batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return taskemb.AnswerModel(
+        decoding.Decoder(config, mesh_, rules),
+        params,
+        vocabulary,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 def similarity(output_dir: str, embeddings, nearest_k: int, write: bool = True) -> dict:
@@ -184,11 +225,17 @@ def similarity(output_dir: str, embeddings, nearest_k: int, write: bool = True) 
             result["ari"] = taskemb_analysis.adjusted_rand([clusters[n] for n in known], labels)
             result["clustered_tasks"] = len(known)
         if write:
-            atomic.write_text(os.path.join(output_dir, f"similarity_{method}.tsv"),
-                                 taskemb_analysis.similarity_tsv(names, sim))
-            taskemb_analysis.heatmap(names, sim, clusters, os.path.join(output_dir,
-                                                               f"similarity_{method}.png"),
-                            title=f"{method} embedding: cosine similarity")
+            atomic.write_text(
+                os.path.join(output_dir, f"similarity_{method}.tsv"),
+                taskemb_analysis.similarity_tsv(names, sim),
+            )
+            taskemb_analysis.heatmap(
+                names,
+                sim,
+                clusters,
+                os.path.join(output_dir, f"similarity_{method}.png"),
+                title=f"{method} embedding: cosine similarity",
+            )
         out[method] = result
     return out
 

@@ -23,12 +23,21 @@ import os
 import sys
 from typing import Callable, Iterator, Mapping, Sequence
 
-import gin
 import jax
 import numpy as np
 
-from mtllama_jax import (checkpoints, exits, launch, metrics, optim, partitioning, preemption,
-                         run_lock, trainer)
+import gin
+from mtllama_jax import (
+    checkpoints,
+    exits,
+    launch,
+    metrics,
+    optim,
+    partitioning,
+    preemption,
+    run_lock,
+    trainer,
+)
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.gin_configurables import check_argument_types, mesh, model_config_from_gin
 from mtllama_jax.launch import parse_gin
@@ -72,8 +81,15 @@ def optimizer(
     return tx, sched
 
 
-def run(config: LlamaConfig, mesh_and_rules, optimizer_and_schedule, model_dir: str,
-        num_steps: int, batches: Batches, **kwargs):
+def run(
+    config: LlamaConfig,
+    mesh_and_rules,
+    optimizer_and_schedule,
+    model_dir: str,
+    num_steps: int,
+    batches: Batches,
+    **kwargs,
+):
     """Trains to `num_steps`, resuming from MODEL_DIR's latest checkpoint if any.
 
     `batches(start_step)` yields this process's rows for steps start_step, ...
@@ -87,8 +103,9 @@ def run(config: LlamaConfig, mesh_and_rules, optimizer_and_schedule, model_dir: 
     `_run_locked`'s. Returns (state, "done" | "preempted" | "nonfinite").
     """
     with run_lock.ModelDirLock(model_dir):
-        return _run_locked(config, mesh_and_rules, optimizer_and_schedule, model_dir,
-                           num_steps, batches, **kwargs)
+        return _run_locked(
+            config, mesh_and_rules, optimizer_and_schedule, model_dir, num_steps, batches, **kwargs
+        )
 
 
 def _run_locked(
@@ -126,12 +143,21 @@ def _run_locked(
     tx, schedule = optimizer_and_schedule
     checkpoints.check_model_dir(model_dir, config)
     step_fn = trainer.Trainer(
-        config, mesh_, rules, tx, schedule=schedule, microbatches=microbatches,
-        normalize=loss_normalization, z_loss=z_loss, nonfinite=nonfinite,
+        config,
+        mesh_,
+        rules,
+        tx,
+        schedule=schedule,
+        microbatches=microbatches,
+        normalize=loss_normalization,
+        z_loss=z_loss,
+        nonfinite=nonfinite,
         num_tasks=len(task_names),
     )
     ckpt = checkpoints.TrainCheckpoints(
-        model_dir, every_steps=checkpoint_every_steps, every_minutes=checkpoint_every_minutes,
+        model_dir,
+        every_steps=checkpoint_every_steps,
+        every_minutes=checkpoint_every_minutes,
         keep=keep_checkpoints,
     )
     state = ckpt.restore_latest(step_fn.abstract_restore_target())
@@ -148,16 +174,30 @@ def _run_locked(
     if hasattr(source, "orbax_save_args"):
         _attach_data_state(ckpt, latest, source)
     writer = metrics.MetricsWriter(
-        model_dir, total_steps=num_steps, start_step=start, config=config,
-        length=sequence_length, progress=progress, task_names=task_names,
+        model_dir,
+        total_steps=num_steps,
+        start_step=start,
+        config=config,
+        length=sequence_length,
+        progress=progress,
+        task_names=task_names,
         task_groups=task_groups,
     )
     try:
         with preemption.PreemptionWatch() as watch:
             state, reason = trainer.train_loop(
-                step_fn, state, source, num_steps, checkpoints=ckpt, writer=writer,
-                log_every=log_every_steps, eval_every=eval_every_steps, validation=validation,
-                eval_hook=eval_hook, stop_requested=watch.requested, waiting=watch.waiting,
+                step_fn,
+                state,
+                source,
+                num_steps,
+                checkpoints=ckpt,
+                writer=writer,
+                log_every=log_every_steps,
+                eval_every=eval_every_steps,
+                validation=validation,
+                eval_hook=eval_hook,
+                stop_requested=watch.requested,
+                waiting=watch.waiting,
                 max_consecutive_skips=max_consecutive_skips,
                 max_skipped_fraction=max_skipped_fraction,
             )
@@ -168,16 +208,21 @@ def _run_locked(
             source.close()
     skipped = int(jax.device_get(state.skipped))
     if skipped and jax.process_index() == 0:
-        print(f"mtllama-train: {skipped} of {int(jax.device_get(state.step))} steps were "
-              "skipped for a non-finite loss or gradient", file=sys.stderr)
+        print(
+            f"mtllama-train: {skipped} of {int(jax.device_get(state.step))} steps were "
+            "skipped for a non-finite loss or gradient",
+            file=sys.stderr,
+        )
     return state, reason
 
 
 def _check_dtypes(state, abstract) -> None:
     """Refuses a train state whose dtypes differ from the config's (exact resume needs them)."""
-    wrong = [f"{jax.tree_util.keystr(p)}: {a.dtype}, expected {b.dtype}"
-             for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
-                                  jax.tree.leaves(abstract)) if a.dtype != b.dtype]
+    wrong = [
+        f"{jax.tree_util.keystr(p)}: {a.dtype}, expected {b.dtype}"
+        for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(abstract))
+        if a.dtype != b.dtype
+    ]
     if wrong:
         raise ValueError(
             f"the train state's dtypes differ from LlamaConfig's: {wrong[:3]}; set "
@@ -191,7 +236,10 @@ def _attach_data_state(ckpt, latest: int | None, source) -> None:
     if latest is not None and not ckpt.restore_data(latest, source.orbax_restore_args()):
         logging.getLogger(__name__).warning(
             "checkpoint %d has no data state (written before it was saved): the data "
-            "pipeline seeks to step %d by packing every batch before it", latest, latest)
+            "pipeline seeks to step %d by packing every batch before it",
+            latest,
+            latest,
+        )
 
 
 def _load_init_params(path: str, config: LlamaConfig, shardings):
@@ -289,9 +337,14 @@ def train(
 
     def stream(split, start):
         return data.batches(
-            mixture_or_task_name, split=split, sequence_length=sequence_length,
-            batch_size=rows, seed=seed, start_step=start,
-            shard_index=jax.process_index(), num_shards=processes,
+            mixture_or_task_name,
+            split=split,
+            sequence_length=sequence_length,
+            batch_size=rows,
+            seed=seed,
+            start_step=start,
+            shard_index=jax.process_index(),
+            num_shards=processes,
         )
 
     def batches(start):
@@ -306,25 +359,42 @@ def train(
     data_cache = data_cache or os.environ.get(DATA_CACHE_ENV)
     if data_cache:
         batches, task_names, task_groups = _cached_batches(
-            data_cache, mixture_or_task_name, sequence_length, rows, seed, data_workers)
+            data_cache, mixture_or_task_name, sequence_length, rows, seed, data_workers
+        )
 
     validation = None
     if eval_every_steps and validation_split:
+
         def validation():
             return list(_take(stream(validation_split, 0), validation_batches))
 
     _, reason = run(
-        config, mesh_and_rules, optimizer(num_steps), model_dir, num_steps, batches,
-        seed=seed, init_checkpoint=init_checkpoint, microbatches=microbatches,
-        loss_normalization=loss_normalization, z_loss=z_loss, nonfinite=nonfinite,
-        max_consecutive_skips=max_consecutive_skips, max_skipped_fraction=max_skipped_fraction,
+        config,
+        mesh_and_rules,
+        optimizer(num_steps),
+        model_dir,
+        num_steps,
+        batches,
+        seed=seed,
+        init_checkpoint=init_checkpoint,
+        microbatches=microbatches,
+        loss_normalization=loss_normalization,
+        z_loss=z_loss,
+        nonfinite=nonfinite,
+        max_consecutive_skips=max_consecutive_skips,
+        max_skipped_fraction=max_skipped_fraction,
         checkpoint_every_steps=checkpoint_every_steps,
-        checkpoint_every_minutes=checkpoint_every_minutes, keep_checkpoints=keep_checkpoints,
-        log_every_steps=log_every_steps, eval_every_steps=eval_every_steps,
-        validation=validation, eval_hook=zero_shot_hook(config, mesh_and_rules),
+        checkpoint_every_minutes=checkpoint_every_minutes,
+        keep_checkpoints=keep_checkpoints,
+        log_every_steps=log_every_steps,
+        eval_every_steps=eval_every_steps,
+        validation=validation,
+        eval_hook=zero_shot_hook(config, mesh_and_rules),
         sequence_length=sequence_length,
         tokenizer_files=tokenizer_files or _vocabulary_files(mixture_or_task_name),
-        gin_config=gin.config_str(), task_names=task_names, task_groups=task_groups,
+        gin_config=gin.config_str(),
+        task_names=task_names,
+        task_groups=task_groups,
     )
     return reason
 
@@ -341,10 +411,19 @@ def _cached_batches(cache_dir, name, sequence_length, rows, seed, workers):
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     spec = pipeline.PipelineSpec(
-        cache_dir=cache_dir, split="train", tasks=tuple(t for t, _ in tasks),
-        rates=tuple(r for _, r in tasks), sequence_length=sequence_length, rows=rows,
-        bos_id=vocabulary.bos_id, eos_id=vocabulary.eos_id, seed=seed,
-        shard_index=jax.process_index(), num_shards=jax.process_count(), workers=workers)
+        cache_dir=cache_dir,
+        split="train",
+        tasks=tuple(t for t, _ in tasks),
+        rates=tuple(r for _, r in tasks),
+        sequence_length=sequence_length,
+        rows=rows,
+        bos_id=vocabulary.bos_id,
+        eos_id=vocabulary.eos_id,
+        seed=seed,
+        shard_index=jax.process_index(),
+        num_shards=jax.process_count(),
+        workers=workers,
+    )
     clusters = {r["task"]: r["task_cluster"] for r in p3.t0_train_table()}
     groups = {t: clusters[t] for t in spec.tasks if t in clusters}
     return (lambda start: pipeline.CacheBatches(spec, start)), spec.tasks, groups
@@ -400,8 +479,11 @@ def _no_data_message(name: str, split: str) -> str:
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     """The jobs' T5X-style flags (`launch.job_parser`) plus the multi-host ones."""
     parser = launch.job_parser("mtllama-train", __doc__.split("\n")[0])
-    parser.add_argument("--multihost", action="store_true",
-                        help="jax.distributed.initialize() from the cluster environment")
+    parser.add_argument(
+        "--multihost",
+        action="store_true",
+        help="jax.distributed.initialize() from the cluster environment",
+    )
     parser.add_argument("--coordinator_address", help="host:port of process 0")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
@@ -411,8 +493,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     if args.coordinator_address or args.multihost:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes,
-                                   args.process_id)
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     def job():
@@ -427,10 +508,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 # How a run ended: (exit code, message).
 _ENDINGS = {
     "done": (exits.OK, "finished"),
-    "preempted": (exits.PREEMPTED, "stopped by a signal; the current step is saved, rerun to "
-                  "continue"),
-    "nonfinite": (exits.NONFINITE, "stopped on non-finite losses or gradients; the last good "
-                  "state is saved"),
+    "preempted": (
+        exits.PREEMPTED,
+        "stopped by a signal; the current step is saved, rerun to continue",
+    ),
+    "nonfinite": (
+        exits.NONFINITE,
+        "stopped on non-finite losses or gradients; the last good state is saved",
+    ),
 }
 
 

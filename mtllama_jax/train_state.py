@@ -55,9 +55,7 @@ def state_shardings(config: LlamaConfig, mesh: Mesh, rules, tx: optax.GradientTr
     """
     boxed = partitioning.abstract_params(config)
     params_shardings = partitioning.param_shardings(config, mesh, rules)
-    abstract = jax.eval_shape(
-        lambda p: create(p, tx, jax.random.key(0)), nn.unbox(boxed)
-    )
+    abstract = jax.eval_shape(lambda p: create(p, tx, jax.random.key(0)), nn.unbox(boxed))
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
         step=replicated,

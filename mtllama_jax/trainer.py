@@ -29,9 +29,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import losses, partitioning, train_state
-from mtllama_jax.preemption import Preempted
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.preemption import Preempted
 
 BATCH_FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights")
 NONFINITE_POLICIES = ("skip", "stop")
@@ -373,8 +373,11 @@ def train_loop(
         if limit.exceeded(previous):
             reason = "nonfinite"
     if checkpoints is not None:
-        checkpoints.save(int(jax.device_get(state.step)), state,
-                         nonfinite=None if metrics is None else metrics["nonfinite"])
+        checkpoints.save(
+            int(jax.device_get(state.step)),
+            state,
+            nonfinite=None if metrics is None else metrics["nonfinite"],
+        )
         checkpoints.wait()
     return state, reason
 
@@ -396,13 +399,22 @@ class SkipLimit:
         self.consecutive = self.consecutive + 1 if bad else 0
         why = None
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            why = (f"{self.consecutive} steps in a row had a non-finite loss or gradient "
-                   f"(train.max_consecutive_skips={self.max_consecutive})")
-        elif (self.max_fraction is not None and self.steps >= self.MIN_STEPS
-              and self.skipped > self.max_fraction * self.steps):
-            why = (f"{self.skipped} of {self.steps} steps had a non-finite loss or gradient "
-                   f"(train.max_skipped_fraction={self.max_fraction})")
+            why = (
+                f"{self.consecutive} steps in a row had a non-finite loss or gradient "
+                f"(train.max_consecutive_skips={self.max_consecutive})"
+            )
+        elif (
+            self.max_fraction is not None
+            and self.steps >= self.MIN_STEPS
+            and self.skipped > self.max_fraction * self.steps
+        ):
+            why = (
+                f"{self.skipped} of {self.steps} steps had a non-finite loss or gradient "
+                f"(train.max_skipped_fraction={self.max_fraction})"
+            )
         if why and jax.process_index() == 0:
-            print(f"stopping: {why}; lower the learning rate or resume from an earlier "
-                  "checkpoint", file=sys.stderr)
+            print(
+                f"stopping: {why}; lower the learning rate or resume from an earlier checkpoint",
+                file=sys.stderr,
+            )
         return why is not None

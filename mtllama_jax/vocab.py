@@ -18,10 +18,11 @@ import itertools
 import math
 import os
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+
+import gin
 
 LLAMA_IDS = {"unk": 0, "bos": 1, "eos": 2}
 TOKENIZER_ENV = "MTLLAMA_TOKENIZER"
@@ -44,8 +45,9 @@ class LlamaVocabulary(seqio.SentencePieceVocabulary):
     Text never encodes to `[PAD]`; decoding drops it.
     """
 
-    def __init__(self, sentencepiece_model_file: str, *, mtllama_quirks: bool = False,
-                 extra_ids: int = 0):
+    def __init__(
+        self, sentencepiece_model_file: str, *, mtllama_quirks: bool = False, extra_ids: int = 0
+    ):
         if mtllama_quirks and extra_ids:
             raise ValueError(
                 f"LlamaVocabulary({sentencepiece_model_file!r}): mtllama_quirks=True puts "
@@ -133,16 +135,19 @@ class LlamaVocabulary(seqio.SentencePieceVocabulary):
 
         def decode(rows):
             flat = rows.reshape(math.prod(rows.shape[:-1]), rows.shape[-1])
-            return np.array([self._decode(row.tolist()).encode("utf-8") for row in flat],
-                            object).reshape(rows.shape[:-1])
+            return np.array(
+                [self._decode(row.tolist()).encode("utf-8") for row in flat], object
+            ).reshape(rows.shape[:-1])
 
         text = tf.numpy_function(decode, [ids], tf.string, stateful=False)
         text.set_shape(ids.shape[:-1])
         return text
 
     def __str__(self) -> str:
-        return (f"LlamaVocabulary(file={self.sentencepiece_model_file}, "
-                f"mtllama_quirks={self._mtllama_quirks}, extra_ids={self._extra_ids})")
+        return (
+            f"LlamaVocabulary(file={self.sentencepiece_model_file}, "
+            f"mtllama_quirks={self._mtllama_quirks}, extra_ids={self._extra_ids})"
+        )
 
 
 @gin.configurable

@@ -4,6 +4,7 @@
 tfds-nightly, which we deliberately do not install: they would overwrite the
 files of seqio 0.0.20 and tensorflow-datasets (t5 goes in with --no-deps).
 """
+
 import importlib.metadata
 import subprocess
 import sys
@@ -15,11 +16,14 @@ DELIBERATELY_ABSENT = (
 
 
 def main() -> int:
-    result = subprocess.run([sys.executable, "-m", "pip", "check"],
-                            capture_output=True, text=True)
-    problems = [line for line in result.stdout.splitlines()
-                if line.strip() and line.strip() not in DELIBERATELY_ABSENT
-                and not line.startswith("No broken requirements")]
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    problems = [
+        line
+        for line in result.stdout.splitlines()
+        if line.strip()
+        and line.strip() not in DELIBERATELY_ABSENT
+        and not line.startswith("No broken requirements")
+    ]
     if problems:
         print("pip check found broken requirements:\n  " + "\n  ".join(problems))
         return 1
@@ -32,8 +36,10 @@ def main() -> int:
             importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
-        print(f"{name} is installed and overwrites seqio/tfds files: "
-              f"pip uninstall {name}, then make clean setup")
+        print(
+            f"{name} is installed and overwrites seqio/tfds files: "
+            f"pip uninstall {name}, then make clean setup"
+        )
         return 1
     print("environment ok: pip check clean (t5's nightly pins excepted), seqio 0.0.20")
     return 0

@@ -24,8 +24,9 @@ def corpus(examples_per_template: int) -> list[str]:
     lines = []
     for cluster in synthetic.CLUSTERS:
         for template in range(synthetic.num_templates(cluster)):
-            for ex in synthetic.generate(cluster, template, "corpus", examples_per_template,
-                                         seed=CORPUS_SEED):
+            for ex in synthetic.generate(
+                cluster, template, "corpus", examples_per_template, seed=CORPUS_SEED
+            ):
                 for wrapper in formats.WRAPPERS.values():
                     lines.append(wrapper(ex.prompt) + " " + ex.choices[ex.label])
     return lines
@@ -39,11 +40,21 @@ def main():
     args = parser.parse_args()
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(args.examples_per_template)), model_writer=model,
-        vocab_size=args.vocab_size, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, character_coverage=1.0,
-        num_threads=2, minloglevel=2,
+        sentence_iterator=iter(corpus(args.examples_per_template)),
+        model_writer=model,
+        vocab_size=args.vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        num_threads=2,
+        minloglevel=2,
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic.write_bytes(args.out, model.getvalue())

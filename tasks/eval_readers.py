@@ -30,8 +30,10 @@ def squad_json(path: str, id_prefix: str | None = None) -> Located:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e}); expected SQuAD v1.1 JSON") from None
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
-        raise ValueError(f"{path}: no top-level 'data' list; expected SQuAD v1.1 JSON "
-                         "({'data': [{'paragraphs': [{'context', 'qas'}]}]})")
+        raise ValueError(
+            f"{path}: no top-level 'data' list; expected SQuAD v1.1 JSON "
+            "({'data': [{'paragraphs': [{'context', 'qas'}]}]})"
+        )
     for article in document["data"]:
         for paragraph in article.get("paragraphs", []):
             for qa in paragraph.get("qas", []):
@@ -39,11 +41,19 @@ def squad_json(path: str, id_prefix: str | None = None) -> Located:
                     continue
                 where = f"{path}, question {qa.get('id')!r}"
                 if "question" not in qa or "context" not in paragraph:
-                    raise ValueError(f"{where}: no 'question' or no 'context' in its paragraph; "
-                                     "expected SQuAD v1.1 JSON")
-                yield where, {"id": qa.get("id"), "question": qa["question"],
-                              "context": paragraph["context"],
-                              "answers": [a.get("text", "") for a in qa.get("answers", [])]}
+                    raise ValueError(
+                        f"{where}: no 'question' or no 'context' in its paragraph; "
+                        "expected SQuAD v1.1 JSON"
+                    )
+                yield (
+                    where,
+                    {
+                        "id": qa.get("id"),
+                        "question": qa["question"],
+                        "context": paragraph["context"],
+                        "answers": [a.get("text", "") for a in qa.get("answers", [])],
+                    },
+                )
 
 
 def jsonl(path: str) -> Located:
@@ -73,8 +83,10 @@ def tsv(path: str) -> Located:
             if not row:
                 continue
             if len(row) != len(header):
-                raise ValueError(f"{path}, line {number}: {len(row)} tab-separated fields, the "
-                                 f"header has {len(header)}")
+                raise ValueError(
+                    f"{path}, line {number}: {len(row)} tab-separated fields, the "
+                    f"header has {len(header)}"
+                )
             yield f"{path}, line {number}", dict(zip(header, row))
 
 
@@ -82,8 +94,12 @@ def openbookqa_record(id_, stem: str, choices: list[tuple[str, str]], answer_key
     """id, stem, choice texts in label order (A-D), label (-1: no or unknown answerKey)."""
     choices = sorted(choices)
     labels = [label for label, _ in choices]
-    return {"id": id_, "stem": stem, "choices": [text for _, text in choices],
-            "label": labels.index(answer_key) if answer_key in labels else -1}
+    return {
+        "id": id_,
+        "stem": stem,
+        "choices": [text for _, text in choices],
+        "label": labels.index(answer_key) if answer_key in labels else -1,
+    }
 
 
 def openbookqa_jsonl(path: str) -> Located:
@@ -91,11 +107,14 @@ def openbookqa_jsonl(path: str) -> Located:
     for where, record in jsonl(path):
         question = record.get("question")
         if not isinstance(question, dict) or "stem" not in question or "choices" not in question:
-            raise ValueError(f"{where}: no question.stem / question.choices; "
-                             "expected OpenbookQA JSONL")
+            raise ValueError(
+                f"{where}: no question.stem / question.choices; expected OpenbookQA JSONL"
+            )
         choices = [(c.get("label", ""), c.get("text", "")) for c in question["choices"]]
-        yield where, openbookqa_record(record.get("id"), question["stem"], choices,
-                                       record.get("answerKey"))
+        yield (
+            where,
+            openbookqa_record(record.get("id"), question["stem"], choices, record.get("answerKey")),
+        )
 
 
 def parquet(paths: list[str], columns: tuple[str, ...]) -> Located:
@@ -108,8 +127,10 @@ def parquet(paths: list[str], columns: tuple[str, ...]) -> Located:
         names = file.schema_arrow.names
         missing = [c for c in columns if c not in names]
         if missing:
-            raise ValueError(f"{path}: no column(s) {missing} (has {names}); is this the hub's "
-                             "copy of the set named in tasks/EVAL_DATA.md?")
+            raise ValueError(
+                f"{path}: no column(s) {missing} (has {names}); is this the hub's "
+                "copy of the set named in tasks/EVAL_DATA.md?"
+            )
         row = 0
         try:
             for batch in file.iter_batches(batch_size=1024, columns=list(columns)):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import gin
 import seqio
 
+import gin
 from mtllama_jax.tasks import p3
 
 T0_CAP = 500_000
@@ -58,8 +58,7 @@ def examples_proportional(task: seqio.Task, cap: int = 3000) -> float:
 
 
 @gin.configurable
-def temperature_scaled(task: seqio.Task, temperature: float = 2.0,
-                       cap: int | None = None) -> float:
+def temperature_scaled(task: seqio.Task, temperature: float = 2.0, cap: int | None = None) -> float:
     """min(examples, cap) ** (1 / temperature); temperature 1 is examples-proportional."""
     n = num_train_examples(task)
     return float(min(n, cap) if cap else n) ** (1.0 / temperature)
@@ -73,8 +72,9 @@ def equal(task: seqio.Task) -> float:
 
 
 @gin.configurable
-def register_mixture(name: str, tasks: Sequence[str],
-                     rate: Callable[[seqio.Task], float] | float = t0_rate) -> str:
+def register_mixture(
+    name: str, tasks: Sequence[str], rate: Callable[[seqio.Task], float] | float = t0_rate
+) -> str:
     """Register mixture `name` of `tasks` (tasks or mixtures) at `rate`; returns `name`.
 
     For gin: `train.mixture_or_task_name = @register_mixture()` with

@@ -22,12 +22,12 @@ import json
 import os
 import random
 
-import gin
 import pyarrow as pa
 import pyarrow.parquet as pq
 import seqio
 import tensorflow as tf
 
+import gin
 from mtllama_jax import formats, vocab
 
 P3_DIR_ENV = "MTLLAMA_P3_DIR"
@@ -56,16 +56,17 @@ def p3_wrapper(name: str = "mtllama_user") -> str:
 def output_features() -> dict[str, seqio.Feature]:
     """`inputs` (prompt, no EOS) and `targets` (response + EOS), one LLaMA vocabulary."""
     v = vocab.configured_vocabulary()
-    return {"inputs": seqio.Feature(v, add_eos=False),
-            "targets": seqio.Feature(v, add_eos=True)}
+    return {"inputs": seqio.Feature(v, add_eos=False), "targets": seqio.Feature(v, add_eos=True)}
 
 
 def text_preprocessors(wrapper_name) -> list:
     """strip, wrap inputs with `wrapper_name()` (read at read time), tokenise, EOS."""
 
     def strip_and_wrap(ds):
-        ds = ds.map(lambda ex: {k: tf.strings.strip(ex[k]) for k in ("inputs", "targets")},
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            lambda ex: {k: tf.strings.strip(ex[k]) for k in ("inputs", "targets")},
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
         return formats.wrap_preprocessor(ds, wrapper=wrapper_name())
 
     strip_and_wrap.prompt_wrapper = wrapper_name  # recorded by the tokenized cache
@@ -98,8 +99,10 @@ class P3Source(seqio.DataSource):
         if not os.path.isdir(folder):
             raise FileNotFoundError(missing_task_message(self._task, folder))
         found: dict[str, tuple[str, list[str]]] = {}
-        for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))
-                           + glob.glob(os.path.join(folder, "*", "*.parquet"))):
+        for path in sorted(
+            glob.glob(os.path.join(folder, "*.parquet"))
+            + glob.glob(os.path.join(folder, "*", "*.parquet"))
+        ):
             rel = os.path.relpath(path, folder)
             split = rel.split(os.sep)[0] if os.sep in rel else rel.split("-")[0]
             found.setdefault(split, ("parquet", []))[1].append(path)
@@ -124,8 +127,10 @@ class P3Source(seqio.DataSource):
     def _split_files(self, split):
         files = self._files()
         if split not in files:
-            raise ValueError(f"P3 task {self._task!r} has no {split!r} split in {self.folder}; "
-                             f"it has {sorted(files)}")
+            raise ValueError(
+                f"P3 task {self._task!r} has no {split!r} split in {self.folder}; "
+                f"it has {sorted(files)}"
+            )
         return files[split]
 
     def num_input_examples(self, split: str) -> int | None:
@@ -141,7 +146,7 @@ class P3Source(seqio.DataSource):
     def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **_):
         layout, files = self._split_files(split)
         if shard_info:
-            files = files[shard_info.index::shard_info.num_shards]
+            files = files[shard_info.index :: shard_info.num_shards]
         if shuffle:
             files = list(files)
             random.Random(seed).shuffle(files)
@@ -212,8 +217,12 @@ def register_p3_task(name: str) -> None:
     if name in seqio.TaskRegistry.names():
         return
     seqio.TaskRegistry.add(
-        name, source=P3Source(name), preprocessors=text_preprocessors(p3_wrapper),
-        output_features=output_features(), metric_fns=[])
+        name,
+        source=P3Source(name),
+        preprocessors=text_preprocessors(p3_wrapper),
+        output_features=output_features(),
+        metric_fns=[],
+    )
 
 
 def register_t0_train() -> None:

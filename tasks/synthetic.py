@@ -53,12 +53,12 @@ import random
 import zlib
 from typing import Callable, Sequence
 
-import gin
-import seqio
 import sentencepiece
+import seqio
 import tensorflow as tf
 from t5.evaluation import metrics as t5_metrics
 
+import gin
 from mtllama_jax import formats
 from mtllama_jax.vocab import LlamaVocabulary
 
@@ -66,8 +66,18 @@ SPM_MODEL = os.path.join(os.path.dirname(__file__), "assets", "synthetic_spm.mod
 
 NAMES = ("Tom", "Anna", "Bob", "Lisa", "Sam", "Mia", "Max", "Eva", "Leo", "Zoe", "Ben", "Ada")
 VALUES = {
-    "city": ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Berlin", "Madrid",
-             "Dublin"),
+    "city": (
+        "Paris",
+        "Rome",
+        "Oslo",
+        "Lima",
+        "Cairo",
+        "Delhi",
+        "Tokyo",
+        "Berlin",
+        "Madrid",
+        "Dublin",
+    ),
     "color": ("red", "blue", "green", "yellow", "black", "white", "pink", "brown"),
     "pet": ("cat", "dog", "horse", "bird", "fox", "rabbit", "frog", "mouse"),
     "food": ("apple", "bread", "rice", "cheese", "soup", "cake", "fish", "pear"),
@@ -80,18 +90,38 @@ STATEMENTS = {
     "food": ("{n} eats {v} every day.", "The daily food of {n} is {v}."),
 }
 QUESTIONS = {
-    "city": ("Where does {n} live?", "In which city does {n} live?", "what is the home city of {n}?",
-             "Tell me where {n} lives."),
-    "color": ("Which color does {n} like?", "What is the favorite color of {n}?",
-              "what color does {n} like?", "Tell me the color {n} likes."),
-    "pet": ("What pet does {n} have?", "Which animal is the pet of {n}?", "what pet does {n} own?",
-            "Tell me the pet of {n}."),
-    "food": ("What does {n} eat every day?", "Which food does {n} eat daily?",
-             "what is the daily food of {n}?", "Tell me what {n} eats every day."),
+    "city": (
+        "Where does {n} live?",
+        "In which city does {n} live?",
+        "what is the home city of {n}?",
+        "Tell me where {n} lives.",
+    ),
+    "color": (
+        "Which color does {n} like?",
+        "What is the favorite color of {n}?",
+        "what color does {n} like?",
+        "Tell me the color {n} likes.",
+    ),
+    "pet": (
+        "What pet does {n} have?",
+        "Which animal is the pet of {n}?",
+        "what pet does {n} own?",
+        "Tell me the pet of {n}.",
+    ),
+    "food": (
+        "What does {n} eat every day?",
+        "Which food does {n} eat daily?",
+        "what is the daily food of {n}?",
+        "Tell me what {n} eats every day.",
+    ),
 }
 CATEGORY_NOUN = {"city": "city", "color": "color", "pet": "animal", "food": "food"}
-COMPLETION_STEMS = {"city": "{n} lives in", "color": "{n} likes the color", "pet": "{n} has a pet",
-                    "food": "{n} eats"}
+COMPLETION_STEMS = {
+    "city": "{n} lives in",
+    "color": "{n} likes the color",
+    "pet": "{n} has a pet",
+    "food": "{n} eats",
+}
 THINGS = ("movie", "book", "meal", "trip", "song", "game", "show", "party")
 POSITIVE = ("good", "great", "wonderful", "lovely", "happy", "nice", "excellent", "fun")
 NEGATIVE = ("bad", "awful", "terrible", "sad", "boring", "poor", "ugly", "dull")
@@ -128,8 +158,10 @@ class Passage:
 
     @property
     def sentences(self) -> tuple[str, ...]:
-        return tuple(STATEMENTS[k][0].format(n=n, v=v)
-                     for k, n, v in zip(self.kinds, self.people, self.values))
+        return tuple(
+            STATEMENTS[k][0].format(n=n, v=v)
+            for k, n, v in zip(self.kinds, self.people, self.values)
+        )
 
     @property
     def text(self) -> str:
@@ -288,7 +320,7 @@ def _completion(rng: random.Random):
 def _ending(kind: str, n: str, value: str) -> str:
     """What follows the completion stem in the statement: 'Rome', 'cheese every day'."""
     stem = COMPLETION_STEMS[kind].format(n=n)
-    return STATEMENTS[kind][0].format(n=n, v=value)[len(stem):].strip().rstrip(".")
+    return STATEMENTS[kind][0].format(n=n, v=value)[len(stem) :].strip().rstrip(".")
 
 
 CLUSTERS: dict[str, Callable[[random.Random], list[Example]]] = {
@@ -338,7 +370,7 @@ def synthetic_rates(
 
 
 def _rate(task: seqio.Task) -> float:
-    cluster = task.name[len("synthetic_"):].rsplit("_t", 1)[0]
+    cluster = task.name[len("synthetic_") :].rsplit("_t", 1)[0]
     return float(synthetic_rates().get(cluster, 1.0))
 
 
@@ -348,19 +380,22 @@ def synthetic_wrapper(name: str = "mtllama") -> str:
     return name
 
 
-def _dataset_fn(cluster: str, template: int, split: str, shuffle_files: bool,
-                seed: int | None = None) -> tf.data.Dataset:
+def _dataset_fn(
+    cluster: str, template: int, split: str, shuffle_files: bool, seed: int | None = None
+) -> tf.data.Dataset:
     del shuffle_files, seed  # the examples are generated in a fixed order; seqio shuffles them
     examples = generate(cluster, template, split, synthetic_sizes()[split])
     wrapper = formats.get_wrapper(synthetic_wrapper())
-    return tf.data.Dataset.from_tensor_slices({
-        "inputs": [wrapper(e.prompt) for e in examples],
-        "targets": [e.choices[e.label] for e in examples],
-        "answers": [[e.choices[e.label]] for e in examples],
-        "answer_choices": tf.ragged.constant([list(e.choices) for e in examples]),
-        "label": [e.label for e in examples],
-        "example_id": [f"{cluster}_t{template}_{split}_{i}" for i in range(len(examples))],
-    })
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "inputs": [wrapper(e.prompt) for e in examples],
+            "targets": [e.choices[e.label] for e in examples],
+            "answers": [[e.choices[e.label]] for e in examples],
+            "answer_choices": tf.ragged.constant([list(e.choices) for e in examples]),
+            "label": [e.label for e in examples],
+            "example_id": [f"{cluster}_t{template}_{split}_{i}" for i in range(len(examples))],
+        }
+    )
 
 
 @functools.cache
@@ -405,9 +440,11 @@ def register() -> None:
         else:
             seen += names[:-1]
             held_templates.append(names[-1])
-    for mixture, tasks, rate in (("synthetic_train", seen, _rate),
-                                 ("synthetic_heldout_templates", held_templates, 1.0),
-                                 ("synthetic_heldout_clusters", held_clusters, 1.0)):
+    for mixture, tasks, rate in (
+        ("synthetic_train", seen, _rate),
+        ("synthetic_heldout_templates", held_templates, 1.0),
+        ("synthetic_heldout_clusters", held_clusters, 1.0),
+    ):
         if mixture not in seqio.MixtureRegistry.names():
             seqio.MixtureRegistry.add(mixture, tasks, default_rate=rate)
 

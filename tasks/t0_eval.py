@@ -29,11 +29,11 @@ import json
 import logging
 import os
 
-import gin
 import pyarrow as pa
 import seqio
 import tensorflow as tf
 
+import gin
 from mtllama_jax import formats
 from mtllama_jax.tasks import p3
 
@@ -77,20 +77,25 @@ def group_choices(rows, source: str):
                 no_label += record["label"] < 0
                 yield record
             if example in seen:
-                raise ValueError(f"{source}: the choice rows of example {example} are not "
-                                 "together (P3 writes them in a row); re-download the subset")
+                raise ValueError(
+                    f"{source}: the choice rows of example {example} are not "
+                    "together (P3 writes them in a row); re-download the subset"
+                )
             seen.add(example)
             current = example
-            record = {"inputs": inputs, "answer_choices": list(choices or []), "label": -1,
-                      "example_id": f"{os.path.basename(source)}/{example}"}
+            record = {
+                "inputs": inputs,
+                "answer_choices": list(choices or []),
+                "label": -1,
+                "example_id": f"{os.path.basename(source)}/{example}",
+            }
         if is_correct and record["label"] < 0:
             record["label"] = int(idx[1])
     if record is not None:
         no_label += record["label"] < 0
         yield record
     if no_label:
-        log.warning("%s: %d of %d examples have no correct choice", source, no_label,
-                    len(seen))
+        log.warning("%s: %d of %d examples have no correct choice", source, no_label, len(seen))
 
 
 class ScoreEvalSource(p3.P3Source):
@@ -110,10 +115,13 @@ class ScoreEvalSource(p3.P3Source):
         records = [dict(r, inputs=r["inputs"].strip()) for r in group_choices(rows, self.folder)]
         return tf.data.Dataset.from_generator(
             lambda: iter(records),
-            output_signature={"inputs": tf.TensorSpec([], tf.string),
-                              "answer_choices": tf.TensorSpec([None], tf.string),
-                              "label": tf.TensorSpec([], tf.int32),
-                              "example_id": tf.TensorSpec([], tf.string)})
+            output_signature={
+                "inputs": tf.TensorSpec([], tf.string),
+                "answer_choices": tf.TensorSpec([None], tf.string),
+                "label": tf.TensorSpec([], tf.int32),
+                "example_id": tf.TensorSpec([], tf.string),
+            },
+        )
 
 
 def _parquet_rows(files):
@@ -122,8 +130,9 @@ def _parquet_rows(files):
         names = table.schema_arrow.names
         missing = [f for f in FIELDS if f not in names]
         if missing:
-            raise ValueError(f"{path}: no field(s) {missing} (has {names}); is this a P3 "
-                             "*_score_eval subset?")
+            raise ValueError(
+                f"{path}: no field(s) {missing} (has {names}); is this a P3 *_score_eval subset?"
+            )
         try:
             for batch in table.iter_batches(batch_size=1024, columns=list(FIELDS)):
                 yield from zip(*(batch.column(f).to_pylist() for f in FIELDS))
@@ -139,15 +148,20 @@ def _tfrecord_rows(files, info_path):
     missing = [f for f in FIELDS if f not in features]
     if missing:
         raise ValueError(f"{info_path}: no feature(s) {missing}; is this a P3 *_score_eval subset?")
-    spec = {"inputs_pretokenized": tf.io.FixedLenFeature([], tf.string),
-            "answer_choices": tf.io.VarLenFeature(tf.string),
-            "idx": tf.io.FixedLenFeature([2], tf.int64),
-            "is_correct": tf.io.FixedLenFeature([], tf.int64)}
+    spec = {
+        "inputs_pretokenized": tf.io.FixedLenFeature([], tf.string),
+        "answer_choices": tf.io.VarLenFeature(tf.string),
+        "idx": tf.io.FixedLenFeature([2], tf.int64),
+        "is_correct": tf.io.FixedLenFeature([], tf.int64),
+    }
     for raw in tf.data.TFRecordDataset(files).as_numpy_iterator():
         ex = tf.io.parse_single_example(raw, spec)
-        yield (ex["inputs_pretokenized"].numpy().decode(),
-               [c.decode() for c in tf.sparse.to_dense(ex["answer_choices"]).numpy()],
-               ex["idx"].numpy().tolist(), bool(ex["is_correct"].numpy()))
+        yield (
+            ex["inputs_pretokenized"].numpy().decode(),
+            [c.decode() for c in tf.sparse.to_dense(ex["answer_choices"]).numpy()],
+            ex["idx"].numpy().tolist(),
+            bool(ex["is_correct"].numpy()),
+        )
 
 
 @gin.configurable
@@ -158,8 +172,9 @@ def t0_eval_wrapper(name: str = "mtllama") -> str:
 
 def _wrap_with_target(ds):
     """The prompt wrapped (`t0_eval_wrapper`), the correct choice as `targets`."""
-    ds = ds.map(lambda ex: dict(ex, targets=tf.gather(ex["answer_choices"],
-                                                      tf.maximum(ex["label"], 0))))
+    ds = ds.map(
+        lambda ex: dict(ex, targets=tf.gather(ex["answer_choices"], tf.maximum(ex["label"], 0)))
+    )
     return formats.wrap_preprocessor(ds, wrapper=t0_eval_wrapper())
 
 
@@ -172,10 +187,16 @@ def register() -> None:
         if name in seqio.TaskRegistry.names():
             continue
         seqio.TaskRegistry.add(
-            name, source=ScoreEvalSource(subset),
-            preprocessors=[_wrap_with_target, seqio.preprocessors.tokenize,
-                           seqio.preprocessors.append_eos],
-            output_features=p3.output_features(), metric_fns=[])
+            name,
+            source=ScoreEvalSource(subset),
+            preprocessors=[
+                _wrap_with_target,
+                seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos,
+            ],
+            output_features=p3.output_features(),
+            metric_fns=[],
+        )
     if "t0_eval_score" not in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.add("t0_eval_score", names, default_rate=1.0)
 

@@ -20,10 +20,10 @@ import json
 import os
 import random
 
-import gin
 import seqio
 import tensorflow as tf
 
+import gin
 from mtllama_jax.tasks import p3
 
 LAYOUTS = {  # name -> (instruction, input, response) fields
@@ -43,8 +43,10 @@ def read_records(path: str) -> list[dict]:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                         f"{column}); save the file as UTF-8") from None
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+            f"{column}); save the file as UTF-8"
+        ) from None
     with io.StringIO(text) as f:
         if path.endswith(".jsonl"):
             records = []
@@ -54,17 +56,22 @@ def read_records(path: str) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column "
-                                     f"{e.colno}); a .jsonl file holds one object per line") from e
+                    raise ValueError(
+                        f"{path}:{number}: not valid JSON ({e.msg}, column "
+                        f"{e.colno}); a .jsonl file holds one object per line"
+                    ) from e
         else:
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column "
-                                 f"{e.colno})") from e
+                raise ValueError(
+                    f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+                ) from e
             if not isinstance(records, list):
-                raise ValueError(f"{path}: a .json file must hold a list of objects; use "
-                                 f".jsonl for one object per line")
+                raise ValueError(
+                    f"{path}: a .json file must hold a list of objects; use "
+                    f".jsonl for one object per line"
+                )
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: record {i + 1} is {type(r).__name__}, not an object")
@@ -77,13 +84,17 @@ def resolve_fields(path, record, instruction_field, input_field, response_field)
         fields = (instruction_field, input_field, response_field)
     else:
         keys = set(record)
-        layout = "alpaca" if {"instruction", "output"} <= keys else (
-            "lamini" if {"instruction", "response"} <= keys else None)
+        layout = (
+            "alpaca"
+            if {"instruction", "output"} <= keys
+            else ("lamini" if {"instruction", "response"} <= keys else None)
+        )
         if layout is None:
             raise ValueError(
                 f"{path}: fields {sorted(keys)} match neither the LaMini (instruction, "
                 f"response) nor the Alpaca (instruction, input, output) layout; name them "
-                f"with register_user_task.instruction_field / response_field")
+                f"with register_user_task.instruction_field / response_field"
+            )
         fields = LAYOUTS[layout]
     for f in fields:
         if f and f not in record and f != fields[1]:
@@ -127,20 +138,27 @@ class JsonSource(seqio.DataSource):
     def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **_):
         pairs = self._pairs(split)
         if shard_info:
-            pairs = pairs[shard_info.index::shard_info.num_shards]
+            pairs = pairs[shard_info.index :: shard_info.num_shards]
         if shuffle:
             random.Random(seed).shuffle(pairs)
-        return tf.data.Dataset.from_tensor_slices({
-            "inputs": tf.constant([p for p, _ in pairs], tf.string, shape=[len(pairs)]),
-            "targets": tf.constant([t for _, t in pairs], tf.string, shape=[len(pairs)]),
-        })
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "inputs": tf.constant([p for p, _ in pairs], tf.string, shape=[len(pairs)]),
+                "targets": tf.constant([t for _, t in pairs], tf.string, shape=[len(pairs)]),
+            }
+        )
 
 
 @gin.configurable
-def register_user_task(name: str = "user_instructions", train_file: str = gin.REQUIRED,
-                       validation_file: str | None = None, wrapper: str = "alpaca",
-                       instruction_field: str | None = None, input_field: str | None = None,
-                       response_field: str | None = None) -> str:
+def register_user_task(
+    name: str = "user_instructions",
+    train_file: str = gin.REQUIRED,
+    validation_file: str | None = None,
+    wrapper: str = "alpaca",
+    instruction_field: str | None = None,
+    input_field: str | None = None,
+    response_field: str | None = None,
+) -> str:
     """Register a task over JSON/JSONL instruction data; returns its name.
 
     `wrapper` names the prompt wrapper (`mtllama_jax.formats.WRAPPERS`). Records
@@ -152,7 +170,10 @@ def register_user_task(name: str = "user_instructions", train_file: str = gin.RE
     if validation_file:
         files["validation"] = validation_file
     seqio.TaskRegistry.add(
-        name, source=JsonSource(files, (instruction_field, input_field, response_field)),
+        name,
+        source=JsonSource(files, (instruction_field, input_field, response_field)),
         preprocessors=p3.text_preprocessors(lambda: wrapper),
-        output_features=p3.output_features(), metric_fns=[])
+        output_features=p3.output_features(),
+        metric_fns=[],
+    )
     return name

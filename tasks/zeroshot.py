@@ -36,10 +36,10 @@ import logging
 import os
 from typing import Callable
 
-import gin
 import seqio
 import tensorflow as tf
 
+import gin
 from mtllama_jax import answer_matching, formats, vocab
 from mtllama_jax.tasks import eval_readers
 
@@ -57,7 +57,8 @@ def eval_data_dir(path: str | None = None) -> str:
         raise FileNotFoundError(
             f"no evaluation folder configured: set {EVAL_DIR_ENV}=/path/to/eval_data (the "
             "folder holding squad/, glue/, superglue/, ... as listed in tasks/EVAL_DATA.md) or "
-            "bind eval_data_dir.path in gin")
+            "bind eval_data_dir.path in gin"
+        )
     return path
 
 
@@ -88,10 +89,12 @@ class Hub:
         return [f"{self.stem(split)}-*.parquet", f"{self.stem(split)}/*.parquet"]
 
     def download_command(self, split: str, root: str) -> str:
-        """The command that fetches this split's parquet (printed in errors; nothing downloads here)."""
+        """The command that fetches this split's parquet (printed in errors; nothing downloads)."""
         revision = f" --revision {self.revision}" if self.revision else ""
-        return (f"huggingface-cli download {self.repo} --repo-type dataset{revision} --include "
-                f"'{self.config}/{self.splits[split]}*' --local-dir {root}/hub/{self.repo}")
+        return (
+            f"huggingface-cli download {self.repo} --repo-type dataset{revision} --include "
+            f"'{self.config}/{self.splits[split]}*' --local-dir {root}/hub/{self.repo}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +115,10 @@ class ZeroShotSet:
 
 def _qa_prompt(r, style):
     context = " ".join(r["context"].split())
-    return (f"Answer the question according to the context. Question: {r['question']}. "
-            f"Context: {context}. Answer:")
+    return (
+        f"Answer the question according to the context. Question: {r['question']}. "
+        f"Context: {context}. Answer:"
+    )
 
 
 def _no_choices(r):
@@ -132,8 +137,10 @@ def _fixed(choices, field: str, table: dict[str, int]):
 def _copa_prompt(r, style):
     lead = "This happened because..." if r["question"] == "cause" else "As a consequence..."
     sep = ". - " if style == "code" else " - "
-    return (f"{r['premise']} {lead} Help me pick the more plausible option: - {r['choice1']}"
-            f"{sep}{r['choice2']}")
+    return (
+        f"{r['premise']} {lead} Help me pick the more plausible option: - {r['choice1']}"
+        f"{sep}{r['choice2']}"
+    )
 
 
 def _obqa_prompt(r, style):
@@ -145,26 +152,43 @@ def _hub_qa(row, id_prefix=None):
     if id_prefix and not str(row["id"]).startswith(id_prefix):
         return None
     answers = (row["answers"] or {}).get("text") or []
-    return {"id": row["id"], "question": row["question"], "context": row["context"],
-            "answers": list(answers)}
+    return {
+        "id": row["id"],
+        "question": row["question"],
+        "context": row["context"],
+        "answers": list(answers),
+    }
 
 
 def _hub_mnli(row):
     names = {0: "entailment", 1: "neutral", 2: "contradiction"}
-    return {"id": row["idx"], "sentence1": row["premise"], "sentence2": row["hypothesis"],
-            "gold_label": names.get(row["label"])}
+    return {
+        "id": row["idx"],
+        "sentence1": row["premise"],
+        "sentence2": row["hypothesis"],
+        "gold_label": names.get(row["label"]),
+    }
 
 
 def _hub_obqa(row):
     choices = row["choices"] or {}
     return eval_readers.openbookqa_record(
-        row["id"], row["question_stem"],
-        list(zip(choices.get("label") or [], choices.get("text") or [])), row["answerKey"])
+        row["id"],
+        row["question_stem"],
+        list(zip(choices.get("label") or [], choices.get("text") or [])),
+        row["answerKey"],
+    )
 
 
-QA = dict(format="SQuAD v1.1 JSON", read=eval_readers.squad_json, fields=(),
-          prompt=_qa_prompt, choices=_no_choices, wrapped_in_code=False,
-          max_tokens=QA_MAX_TOKENS)
+QA = dict(
+    format="SQuAD v1.1 JSON",
+    read=eval_readers.squad_json,
+    fields=(),
+    prompt=_qa_prompt,
+    choices=_no_choices,
+    wrapped_in_code=False,
+    max_tokens=QA_MAX_TOKENS,
+)
 QA_COLUMNS = ("id", "question", "context", "answers")
 SUPERGLUE = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2"
 SG_PARQUET = "refs/convert/parquet"
@@ -174,82 +198,168 @@ SETS: dict[str, ZeroShotSet] = {
     "squad": ZeroShotSet(
         {"validation": "squad/dev-v1.1.json"},
         "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
-        hub=Hub("rajpurkar/squad", "plain_text", VALIDATION, QA_COLUMNS, _hub_qa), **QA),
+        hub=Hub("rajpurkar/squad", "plain_text", VALIDATION, QA_COLUMNS, _hub_qa),
+        **QA,
+    ),
     "xquad_en": ZeroShotSet(
         {"validation": "xquad/xquad.en.json"},
         "https://github.com/deepmind/xquad/raw/master/xquad.en.json",
-        hub=Hub("google/xquad", "xquad.en", VALIDATION, QA_COLUMNS, _hub_qa), **QA),
+        hub=Hub("google/xquad", "xquad.en", VALIDATION, QA_COLUMNS, _hub_qa),
+        **QA,
+    ),
     "tydiqa_en": ZeroShotSet(
         {"validation": "tydiqa/tydiqa-goldp-v1.1-dev.json"},
         "https://storage.googleapis.com/tydiqa/v1.1/tydiqa-goldp-v1.1-dev.json (English ids kept)",
-        hub=Hub("google-research-datasets/tydiqa", "secondary_task", VALIDATION, QA_COLUMNS,
-                functools.partial(_hub_qa, id_prefix="english")),
-        **dict(QA, read=functools.partial(eval_readers.squad_json, id_prefix="english"))),
+        hub=Hub(
+            "google-research-datasets/tydiqa",
+            "secondary_task",
+            VALIDATION,
+            QA_COLUMNS,
+            functools.partial(_hub_qa, id_prefix="english"),
+        ),
+        **dict(QA, read=functools.partial(eval_readers.squad_json, id_prefix="english")),
+    ),
     "mlqa_en": ZeroShotSet(
-        {"validation": "mlqa/dev-context-en-question-en.json",
-         "test": "mlqa/test-context-en-question-en.json"},
+        {
+            "validation": "mlqa/dev-context-en-question-en.json",
+            "test": "mlqa/test-context-en-question-en.json",
+        },
         "https://dl.fbaipublicfiles.com/MLQA/MLQA_V1.zip (MLQA_V1/{dev,test}/)",
-        hub=Hub("google/xtreme", "MLQA.en.en", {"validation": "validation", "test": "test"},
-                QA_COLUMNS, _hub_qa), **QA),
+        hub=Hub(
+            "google/xtreme",
+            "MLQA.en.en",
+            {"validation": "validation", "test": "test"},
+            QA_COLUMNS,
+            _hub_qa,
+        ),
+        **QA,
+    ),
     "sst2": ZeroShotSet(
         {"validation": "glue/SST-2/dev.tsv"},
-        "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip", "GLUE TSV", eval_readers.tsv,
+        "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip",
+        "GLUE TSV",
+        eval_readers.tsv,
         ("sentence",),
-        lambda r, s: (f"{r['sentence']} Based on this review, would the user recommend this "
-                      "product? No or Yes?"),
+        lambda r, s: (
+            f"{r['sentence']} Based on this review, would the user recommend this "
+            "product? No or Yes?"
+        ),
         _fixed(("No", "Yes"), "label", {"0": 0, "1": 1}),
         Hub("nyu-mll/glue", "sst2", VALIDATION, ("sentence", "label", "idx")),
-        wrapped_in_code=False),
+        wrapped_in_code=False,
+    ),
     "openbookqa": ZeroShotSet(
         {"validation": "openbookqa/Main/dev.jsonl", "test": "openbookqa/Main/test.jsonl"},
         "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip "
         "(OpenBookQA-V1-Sep2018/Data/Main/)",
-        "OpenbookQA JSONL", eval_readers.openbookqa_jsonl, (), _obqa_prompt,
+        "OpenbookQA JSONL",
+        eval_readers.openbookqa_jsonl,
+        (),
+        _obqa_prompt,
         lambda r: (list(r["choices"]), r["label"]),
-        Hub("allenai/openbookqa", "main", {"validation": "validation", "test": "test"},
-            ("id", "question_stem", "choices", "answerKey"), _hub_obqa)),
+        Hub(
+            "allenai/openbookqa",
+            "main",
+            {"validation": "validation", "test": "test"},
+            ("id", "question_stem", "choices", "answerKey"),
+            _hub_obqa,
+        ),
+    ),
     "copa": ZeroShotSet(
-        {"validation": "superglue/COPA/val.jsonl"}, f"{SUPERGLUE}/COPA.zip", "SuperGLUE JSONL",
-        eval_readers.jsonl, ("premise", "choice1", "choice2", "question"), _copa_prompt,
+        {"validation": "superglue/COPA/val.jsonl"},
+        f"{SUPERGLUE}/COPA.zip",
+        "SuperGLUE JSONL",
+        eval_readers.jsonl,
+        ("premise", "choice1", "choice2", "question"),
+        _copa_prompt,
         lambda r: ([r["choice1"], r["choice2"]], _label(r.get("label"), {"0": 0, "1": 1})),
-        Hub("aps/super_glue", "copa", VALIDATION,
-            ("premise", "choice1", "choice2", "question", "label", "idx"), revision=SG_PARQUET)),
+        Hub(
+            "aps/super_glue",
+            "copa",
+            VALIDATION,
+            ("premise", "choice1", "choice2", "question", "label", "idx"),
+            revision=SG_PARQUET,
+        ),
+    ),
     "winogrande": ZeroShotSet(
         {"validation": "winogrande/dev.jsonl"},
         "https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip "
         "(winogrande_1.1/dev.jsonl)",
-        "Winogrande JSONL", eval_readers.jsonl, ("sentence", "option1", "option2"),
-        lambda r, s: (f"{r['sentence']} In the previous sentence, does _ refer to "
-                      f"{r['option1']} or {r['option2']}?"),
+        "Winogrande JSONL",
+        eval_readers.jsonl,
+        ("sentence", "option1", "option2"),
+        lambda r, s: (
+            f"{r['sentence']} In the previous sentence, does _ refer to "
+            f"{r['option1']} or {r['option2']}?"
+        ),
         lambda r: ([r["option1"], r["option2"]], _label(r.get("answer"), {"1": 0, "2": 1})),
-        Hub("allenai/winogrande", "winogrande_xl", VALIDATION,
-            ("sentence", "option1", "option2", "answer"))),
+        Hub(
+            "allenai/winogrande",
+            "winogrande_xl",
+            VALIDATION,
+            ("sentence", "option1", "option2", "answer"),
+        ),
+    ),
     "wic": ZeroShotSet(
-        {"validation": "superglue/WiC/val.jsonl"}, f"{SUPERGLUE}/WiC.zip", "SuperGLUE JSONL",
-        eval_readers.jsonl, ("word", "sentence1", "sentence2"),
-        lambda r, s: (f'Does the word "{r["word"]}" have the same meaning in these two '
-                      f"sentences? Yes, No? {r['sentence1']} {r['sentence2']}"),
+        {"validation": "superglue/WiC/val.jsonl"},
+        f"{SUPERGLUE}/WiC.zip",
+        "SuperGLUE JSONL",
+        eval_readers.jsonl,
+        ("word", "sentence1", "sentence2"),
+        lambda r, s: (
+            f'Does the word "{r["word"]}" have the same meaning in these two '
+            f"sentences? Yes, No? {r['sentence1']} {r['sentence2']}"
+        ),
         _fixed(("No", "Yes"), "label", {"false": 0, "true": 1, "0": 0, "1": 1}),
-        Hub("aps/super_glue", "wic", VALIDATION, ("word", "sentence1", "sentence2", "label", "idx"),
-            revision=SG_PARQUET)),
+        Hub(
+            "aps/super_glue",
+            "wic",
+            VALIDATION,
+            ("word", "sentence1", "sentence2", "label", "idx"),
+            revision=SG_PARQUET,
+        ),
+    ),
     "mnli": ZeroShotSet(
         {"validation": "glue/MNLI/dev_matched.tsv"},
-        "https://dl.fbaipublicfiles.com/glue/data/MNLI.zip", "GLUE TSV", eval_readers.tsv,
+        "https://dl.fbaipublicfiles.com/glue/data/MNLI.zip",
+        "GLUE TSV",
+        eval_readers.tsv,
         ("sentence1", "sentence2"),
-        lambda r, s: (f"{r['sentence1']} Question: Does this imply that {r['sentence2']}? "
-                      "Please response with 'Yes', 'No', or 'Maybe'."),
-        _fixed(("Yes", "Maybe", "No"), "gold_label",
-               {"entailment": 0, "neutral": 1, "contradiction": 2}),
-        Hub("nyu-mll/glue", "mnli", {"validation": "validation_matched"},
-            ("premise", "hypothesis", "label", "idx"), _hub_mnli)),
+        lambda r, s: (
+            f"{r['sentence1']} Question: Does this imply that {r['sentence2']}? "
+            "Please response with 'Yes', 'No', or 'Maybe'."
+        ),
+        _fixed(
+            ("Yes", "Maybe", "No"),
+            "gold_label",
+            {"entailment": 0, "neutral": 1, "contradiction": 2},
+        ),
+        Hub(
+            "nyu-mll/glue",
+            "mnli",
+            {"validation": "validation_matched"},
+            ("premise", "hypothesis", "label", "idx"),
+            _hub_mnli,
+        ),
+    ),
     "rte": ZeroShotSet(
-        {"validation": "superglue/RTE/val.jsonl"}, f"{SUPERGLUE}/RTE.zip", "SuperGLUE JSONL",
-        eval_readers.jsonl, ("premise", "hypothesis"),
-        lambda r, s: f'Given {r["premise"]} Is it guaranteed true that "{r["hypothesis"]}"? '
-                     "Yes or no?",
+        {"validation": "superglue/RTE/val.jsonl"},
+        f"{SUPERGLUE}/RTE.zip",
+        "SuperGLUE JSONL",
+        eval_readers.jsonl,
+        ("premise", "hypothesis"),
+        lambda r, s: (
+            f'Given {r["premise"]} Is it guaranteed true that "{r["hypothesis"]}"? Yes or no?'
+        ),
         _fixed(("Yes", "No"), "label", {"entailment": 0, "not_entailment": 1, "0": 0, "1": 1}),
-        Hub("aps/super_glue", "rte", VALIDATION, ("premise", "hypothesis", "label", "idx"),
-            revision=SG_PARQUET)),
+        Hub(
+            "aps/super_glue",
+            "rte",
+            VALIDATION,
+            ("premise", "hypothesis", "label", "idx"),
+            revision=SG_PARQUET,
+        ),
+    ),
 }
 
 
@@ -258,19 +368,22 @@ def set_files(name: str, split: str) -> tuple[str, list[str]]:
     spec, root = SETS[name], eval_data_dir()
     if split not in spec.files:
         raise FileNotFoundError(
-            f"zero-shot set {name!r} has no {split!r} split; it has {sorted(spec.files)}")
+            f"zero-shot set {name!r} has no {split!r} split; it has {sorted(spec.files)}"
+        )
     public = os.path.join(root, spec.files[split])
     if os.path.exists(public):
         return "public", [public]
-    hub = sorted(p for pattern in spec.hub.patterns(split)
-                 for p in glob.glob(os.path.join(root, pattern)))
+    hub = sorted(
+        p for pattern in spec.hub.patterns(split) for p in glob.glob(os.path.join(root, pattern))
+    )
     if hub:
         return "hub", hub
     raise FileNotFoundError(
         f"zero-shot set {name!r}: no {split} data under {root} ({EVAL_DIR_ENV} or gin "
         f"eval_data_dir.path). Expected {spec.files[split]} ({spec.format}; get it from "
         f"{spec.source}) or the hub's parquet {' or '.join(spec.hub.patterns(split))} (`"
-        f"{spec.hub.download_command(split, root)}`)")
+        f"{spec.hub.download_command(split, root)}`)"
+    )
 
 
 def _records(spec: ZeroShotSet, kind: str, paths: list[str]) -> eval_readers.Located:
@@ -311,8 +424,9 @@ def examples(name: str, split: str) -> list[dict]:
     for i, (where, record) in enumerate(_records(spec, kind, paths)):
         missing = [f for f in spec.fields if f not in record]
         if missing:
-            raise ValueError(f"{where}: no field(s) {missing}; expected {spec.format} "
-                             f"(see tasks/EVAL_DATA.md)")
+            raise ValueError(
+                f"{where}: no field(s) {missing}; expected {spec.format} (see tasks/EVAL_DATA.md)"
+            )
         if spec.max_tokens:
             inputs, was_cut = _fit_context(record, render, spec.max_tokens)
             cut += was_cut
@@ -321,42 +435,62 @@ def examples(name: str, split: str) -> list[dict]:
         choices, label = spec.choices(record)
         answers = [a for a in record.get("answers", []) if a]
         ungraded += not answers and label < 0
-        example_id = next((record[k] for k in ("id", "idx", "qID") if record.get(k) is not None),
-                          i)
-        out.append({
-            "inputs": inputs,
-            "targets": answers[0] if answers else (choices[label] if label >= 0 else ""),
-            "answers": answers,
-            "answer_choices": choices,
-            "label": label,
-            "example_id": str(example_id),
-        })
+        example_id = next((record[k] for k in ("id", "idx", "qID") if record.get(k) is not None), i)
+        out.append(
+            {
+                "inputs": inputs,
+                "targets": answers[0] if answers else (choices[label] if label >= 0 else ""),
+                "answers": answers,
+                "answer_choices": choices,
+                "label": label,
+                "example_id": str(example_id),
+            }
+        )
     source = paths[0] if kind == "public" else f"{len(paths)} parquet file(s) of {spec.hub.repo}"
     if ungraded:
-        log.warning("zero-shot set %s (%s): %d of %d examples have no gold answer or label",
-                    name, source, ungraded, len(out))
+        log.warning(
+            "zero-shot set %s (%s): %d of %d examples have no gold answer or label",
+            name,
+            source,
+            ungraded,
+            len(out),
+        )
     if cut:
-        log.warning("zero-shot set %s (%s): %d of %d contexts cut to fit %d tokens",
-                    name, source, cut, len(out), spec.max_tokens)
+        log.warning(
+            "zero-shot set %s (%s): %d of %d contexts cut to fit %d tokens",
+            name,
+            source,
+            cut,
+            len(out),
+            spec.max_tokens,
+        )
     return out
 
 
 def data_table() -> str:
     """The markdown table of `tasks/EVAL_DATA.md`: per task, split files, sources, scoring."""
-    lines = ["| task | split: file under the folder (format) | where to get it | or the "
-             "hub's parquet: `hub/<stem>-*.parquet` or `hub/<stem>/*.parquet` | scored as "
-             "the published number (`generate`) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| task | split: file under the folder (format) | where to get it | or the "
+        "hub's parquet: `hub/<stem>-*.parquet` or `hub/<stem>/*.parquet` | scored as "
+        "the published number (`generate`) |",
+        "|---|---|---|---|---|",
+    ]
     for name, spec in SETS.items():
         files = "<br>".join(f"{split}: `{rel}`" for split, rel in spec.files.items())
-        hub = "<br>".join(f"{split}: `{spec.hub.stem(split)[len('hub/'):]}`"
-                          + (f" (revision `{spec.hub.revision}`)" if spec.hub.revision else "")
-                          for split in spec.hub.splits)
+        hub = "<br>".join(
+            f"{split}: `{spec.hub.stem(split)[len('hub/') :]}`"
+            + (f" (revision `{spec.hub.revision}`)" if spec.hub.revision else "")
+            for split in spec.hub.splits
+        )
         scoring = answer_matching.QA_SCORING.get(name)
-        scored = (f"F1/EM by {answer_matching.QA_SCRIPTS[scoring]}" if scoring
-                  else "accuracy, the released code's matcher")
-        lines.append(f"| `zeroshot_{name}` | {files} ({spec.format}) | {spec.source} | {hub} "
-                     f"| {scored} |")
+        scored = (
+            f"F1/EM by {answer_matching.QA_SCRIPTS[scoring]}"
+            if scoring
+            else "accuracy, the released code's matcher"
+        )
+        lines.append(
+            f"| `zeroshot_{name}` | {files} ({spec.format}) | {spec.source} | {hub} | {scored} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -366,18 +500,23 @@ def _dataset_fn(name: str, split: str, shuffle_files: bool, seed: int | None = N
     return tf.data.Dataset.from_generator(
         lambda: iter(records),
         output_signature={
-            "inputs": tf.TensorSpec([], tf.string), "targets": tf.TensorSpec([], tf.string),
+            "inputs": tf.TensorSpec([], tf.string),
+            "targets": tf.TensorSpec([], tf.string),
             "answers": tf.TensorSpec([None], tf.string),
             "answer_choices": tf.TensorSpec([None], tf.string),
-            "label": tf.TensorSpec([], tf.int32), "example_id": tf.TensorSpec([], tf.string),
-        })
+            "label": tf.TensorSpec([], tf.int32),
+            "example_id": tf.TensorSpec([], tf.string),
+        },
+    )
 
 
 def register() -> None:
     """`zeroshot_<set>` for every set, and the `zeroshot_all` mixture."""
     v = vocab.configured_vocabulary()
-    features = {"inputs": seqio.Feature(v, add_eos=False),
-                "targets": seqio.Feature(v, add_eos=True)}
+    features = {
+        "inputs": seqio.Feature(v, add_eos=False),
+        "targets": seqio.Feature(v, add_eos=True),
+    }
     names = []
     for name, spec in SETS.items():
         task = f"zeroshot_{name}"
@@ -386,10 +525,13 @@ def register() -> None:
             continue
         seqio.TaskRegistry.add(
             task,
-            source=seqio.FunctionDataSource(functools.partial(_dataset_fn, name),
-                                            splits=tuple(spec.files)),
+            source=seqio.FunctionDataSource(
+                functools.partial(_dataset_fn, name), splits=tuple(spec.files)
+            ),
             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-            output_features=features, metric_fns=[])
+            output_features=features,
+            metric_fns=[],
+        )
     if "zeroshot_all" not in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.add("zeroshot_all", names, default_rate=1.0)
 

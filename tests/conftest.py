@@ -5,6 +5,7 @@ same backend. Helpers used by several test modules live here (`from conftest
 import ...`) with the fixtures they need; torch and transformers are imported
 inside the helpers that use them.
 """
+
 import io
 import json
 import os
@@ -15,8 +16,9 @@ import pytest
 import sentencepiece as spm
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -41,10 +43,19 @@ def train_llama_spm(path, *, ids=(0, 1, 2), vocab_size=512) -> str:
     out = io.BytesIO()
     unk, bos, eos = ids
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
-        model_type="bpe", unk_id=unk, bos_id=bos, eos_id=eos, pad_id=-1,
-        byte_fallback=True, hard_vocab_limit=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=unk,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=-1,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
     )
     path.write_bytes(out.getvalue())
     return str(path)
@@ -58,8 +69,15 @@ def session_spm(tmp_path_factory) -> str:
 
 # ---- Hugging Face LLaMA folders (the converter and delta tests) ---------------------------
 
-HF_CONFIG = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+HF_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="session")
@@ -70,9 +88,16 @@ def tokenizer_model(tmp_path_factory):
     words = "the cat sat on a mat while dogs ran far away from home in rain".split()
     rng = np.random.default_rng(0)
     text.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"),
-                                   vocab_size=64, model_type="bpe", bos_id=1, eos_id=2,
-                                   unk_id=0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=64,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        minloglevel=2,
+    )
     return str(folder / "tokenizer.model")
 
 
@@ -84,9 +109,12 @@ def make_hf(folder, tokenizer_model, *, dtype=None, seed=0, shard=None, **overri
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_CONFIG, **overrides}))
     model.to(dtype or torch.float32).save_pretrained(
-        folder, **({"max_shard_size": shard} if shard else {}))
-    with open(tokenizer_model, "rb") as src, open(os.path.join(folder, "tokenizer.model"),
-                                                     "wb") as dst:
+        folder, **({"max_shard_size": shard} if shard else {})
+    )
+    with (
+        open(tokenizer_model, "rb") as src,
+        open(os.path.join(folder, "tokenizer.model"), "wb") as dst,
+    ):
         dst.write(src.read())
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)

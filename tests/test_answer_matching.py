@@ -13,8 +13,14 @@ from mtllama_jax.answer_matching import (
 
 @pytest.mark.parametrize(
     "task, expect",
-    [("zeroshot_squad", "squad"), ("zeroshot_xquad_en", "xquad_en"), ("zeroshot_rte", "rte"),
-     ("zeroshot_sst2_card", "sst2"), ("synthetic_topic", None), ("zeroshot_unknown", None)],
+    [
+        ("zeroshot_squad", "squad"),
+        ("zeroshot_xquad_en", "xquad_en"),
+        ("zeroshot_rte", "rte"),
+        ("zeroshot_sst2_card", "sst2"),
+        ("synthetic_topic", None),
+        ("zeroshot_unknown", None),
+    ],
 )
 def test_zero_shot_set_from_task_name(task, expect):
     assert zero_shot_set(task) == expect

@@ -5,12 +5,21 @@ import stat
 
 import pytest
 
-from mtllama_jax import atomic, checkpoints, eval as eval_job, metrics
+from mtllama_jax import atomic, checkpoints, metrics
+from mtllama_jax import eval as eval_job
 from mtllama_jax.config import LlamaConfig
 
-RUN = {"tasks": {"zeroshot_rte": {"set": "rte", "examples": 4,
-                                  "rank": {"accuracy": 100.0, "accuracy_norm": 75.0}}},
-       "skipped": {}, "t0_median": {}}
+RUN = {
+    "tasks": {
+        "zeroshot_rte": {
+            "set": "rte",
+            "examples": 4,
+            "rank": {"accuracy": 100.0, "accuracy_norm": 75.0},
+        }
+    },
+    "skipped": {},
+    "t0_median": {},
+}
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077, 0o002], ids=oct)
@@ -48,13 +57,16 @@ def test_every_atomic_writer_gives_a_plain_open_files_mode(tmp_path, umask):
     model_dir = tmp_path / "model"
     checkpoints.write_model_dir_files(str(model_dir), LlamaConfig.tiny(), [str(src)], "x = 1")
     (model_dir / "metrics.jsonl").write_text(
-        '{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n')
+        '{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n'
+    )
     (model_dir / "metrics.jsonl").chmod(want)
     metrics.truncate_jsonl(str(model_dir / "metrics.jsonl"), 1)
-    written += [f"model/{n}" for n in ("config.json", "tokenizer.model", "config.gin",
-                                       "metrics.jsonl")]
+    written += [
+        f"model/{n}" for n in ("config.json", "tokenizer.model", "config.gin", "metrics.jsonl")
+    ]
     assert {name: oct(mode(tmp_path / name)) for name in written} == {
-        name: oct(want) for name in written}
+        name: oct(want) for name in written
+    }
     assert (model_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
 
 

@@ -30,12 +30,20 @@ def model_dir(tmp_path_factory):
     lines = [" ".join(WORDS[(i + j * j) % len(WORDS)] for j in range(9)) for i in range(300)]
     (folder / "corpus.txt").write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "sp"),
-        vocab_size=CONFIG.vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2,
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "sp"),
+        vocab_size=CONFIG.vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
-    params = nn.unbox(LlamaForCausalLM(CONFIG).init(
-        jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.unbox(
+        LlamaForCausalLM(CONFIG).init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"]
+    )
     out = str(folder / "model")
     checkpoints.write_model_dir_files(out, CONFIG, [str(folder / "sp.model")])
     ckpt = checkpoints.TrainCheckpoints(out, async_save=False)
@@ -47,17 +55,32 @@ def model_dir(tmp_path_factory):
 
 def run_chat(*args, stdin=""):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", "mtllama_jax.chat", *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mtllama_jax.chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_one_shot_prompt_prints_the_greedy_reply(model_dir):
     folder, params = model_dir
     vocab = LlamaVocabulary(os.path.join(folder, "tokenizer.model"))
     prompt = [1] + list(vocab.encode(MTLLAMA_SYSTEM + "### Human: hello river### Assistant:"))
-    expect = decoding.Decoder(CONFIG).generate(
-        params, [prompt], max_new_tokens=8, stop_token_ids=[2], stop_strings=["###"],
-        detokenize=vocab.decode)[0].text
+    expect = (
+        decoding.Decoder(CONFIG)
+        .generate(
+            params,
+            [prompt],
+            max_new_tokens=8,
+            stop_token_ids=[2],
+            stop_strings=["###"],
+            detokenize=vocab.decode,
+        )[0]
+        .text
+    )
     proc = run_chat("--checkpoint", folder, "--prompt", "hello river", "--max_new_tokens", "8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expect + "\n"
@@ -68,8 +91,9 @@ def test_one_shot_prompt_prints_the_greedy_reply(model_dir):
 def test_repl_answers_each_line_and_stops_at_end_of_input(model_dir, monkeypatch, capsys):
     folder, _ = model_dir
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nworld\n"))
-    code = chat.main(["--checkpoint", folder, "--max_new_tokens", "4", "--temperature", "0.8",
-                      "--top_k", "20"])
+    code = chat.main(
+        ["--checkpoint", folder, "--max_new_tokens", "4", "--temperature", "0.8", "--top_k", "20"]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2
@@ -113,21 +137,35 @@ def test_other_libraries_are_quiet_unless_verbose(model_dir):
     assert verbose.stdout == quiet.stdout
 
 
-@pytest.mark.parametrize("requested, prompt_length, budget", [
-    (None, 100, 284),  # what the context of 384 leaves
-    (None, 380, 96),  # at least a quarter of it (the prompt's start is cut)
-    (64, 380, 64),  # a request that fits is kept
-    (384, 10, 374),  # one the context can never hold is cut
-    (256, 200, 256),
-])
+@pytest.mark.parametrize(
+    "requested, prompt_length, budget",
+    [
+        (None, 100, 284),  # what the context of 384 leaves
+        (None, 380, 96),  # at least a quarter of it (the prompt's start is cut)
+        (64, 380, 64),  # a request that fits is kept
+        (384, 10, 374),  # one the context can never hold is cut
+        (256, 200, 256),
+    ],
+)
 def test_reply_budget(requested, prompt_length, budget):
     assert chat.reply_budget(requested, prompt_length, 384) == budget
 
 
 def test_a_max_new_tokens_the_context_cannot_hold_is_cut_and_said(model_dir, capsys):
     folder, _ = model_dir
-    assert chat.main(["--checkpoint", folder, "--prompt", "hello", "--max_new_tokens",
-                      str(CONFIG.max_position_embeddings)]) == 0
+    assert (
+        chat.main(
+            [
+                "--checkpoint",
+                folder,
+                "--prompt",
+                "hello",
+                "--max_new_tokens",
+                str(CONFIG.max_position_embeddings),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "--max_new_tokens=384 does not fit the model's context of 384 tokens" in err
 
@@ -138,8 +176,21 @@ def test_dtype_flag_replaces_the_checkpoints_compute_dtype(model_dir, capsys):
     talk = chat.Chat(folder, dtype="float16")
     assert talk.config.dtype == talk.decoder.config.dtype == "float16"
     assert talk.params["embed"]["embedding"].dtype == jnp.float32  # stored weights unchanged
-    assert chat.main(["--checkpoint", folder, "--prompt", "hi", "--max_new_tokens", "2",
-                      "--dtype", "bfloat16"]) == 0
+    assert (
+        chat.main(
+            [
+                "--checkpoint",
+                folder,
+                "--prompt",
+                "hi",
+                "--max_new_tokens",
+                "2",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(SystemExit):
         chat.main(["--checkpoint", folder, "--dtype", "int8"])
     assert "--dtype: invalid choice: 'int8'" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mtllama_jax import checkpoint_folder, checkpoints, partitioning
-from mtllama_jax.convert import hf_params
 from mtllama_jax.config import LlamaConfig
+from mtllama_jax.convert import hf_params
 from mtllama_jax.train_state import TrainState
 
 CONFIG = LlamaConfig.tiny(num_layers=1)
@@ -18,14 +18,19 @@ CONFIG = LlamaConfig.tiny(num_layers=1)
 def make_params():
     """Random numpy params of CONFIG's shapes (no model init to compile)."""
     rng = np.random.default_rng(0)
-    flat = {path: rng.standard_normal(shape, np.float32)
-            for path, shape in hf_params.param_shapes(CONFIG).items()}
+    flat = {
+        path: rng.standard_normal(shape, np.float32)
+        for path, shape in hf_params.param_shapes(CONFIG).items()
+    }
     return hf_params.unflatten(flat)
 
 
 def same(a, b):
-    return all(jax.tree.leaves(jax.tree.map(
-        lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+    return all(
+        jax.tree.leaves(
+            jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+        )
+    )
 
 
 def test_save_then_restore_onto_another_mesh(tmp_path):
@@ -60,8 +65,9 @@ def test_existing_folder_needs_overwrite_and_failed_write_leaves_it(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         checkpoint_folder.save_params(folder, params, CONFIG)
     with pytest.raises(FileNotFoundError):  # a tokenizer file that does not exist
-        checkpoint_folder.save_params(folder, params, CONFIG, overwrite=True,
-                                      tokenizer_files=[str(tmp_path / "nope.model")])
+        checkpoint_folder.save_params(
+            folder, params, CONFIG, overwrite=True, tokenizer_files=[str(tmp_path / "nope.model")]
+        )
     assert same(checkpoint_folder.load_params(folder), params)  # the old folder is intact
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     doubled = jax.tree.map(lambda a: a * 2, params)
@@ -71,8 +77,9 @@ def test_existing_folder_needs_overwrite_and_failed_write_leaves_it(tmp_path):
 
 def test_training_model_dir_opens_at_its_latest_step(tmp_path):
     params = make_params()
-    state = TrainState(params=params, step=np.int32(0), opt_state={}, rng=jax.random.key(0),
-                       skipped=np.int32(0))
+    state = TrainState(
+        params=params, step=np.int32(0), opt_state={}, rng=jax.random.key(0), skipped=np.int32(0)
+    )
     ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=None, async_save=False)
     ckpt.save(3, state)
     ckpt.save(5, state.replace(params=jax.tree.map(lambda a: a + 1, params)))
@@ -102,8 +109,9 @@ def test_a_folder_of_another_model_is_refused(tmp_path):
     params = make_params()
     checkpoint_folder.save_params(tmp_path / "c", params, CONFIG)
     other = CONFIG.replace(tie_word_embeddings=True)
-    shardings = partitioning.param_shardings(other, partitioning.make_mesh(1, 8, 1),
-                                             partitioning.logical_axis_rules("fsdp"))
+    shardings = partitioning.param_shardings(
+        other, partitioning.make_mesh(1, 8, 1), partitioning.logical_axis_rules("fsdp")
+    )
     with pytest.raises(ValueError, match=r"extra \[\"\['lm_head'\]"):
         checkpoint_folder.load_params(tmp_path / "c", shardings)
     assert json.loads((tmp_path / "c" / "config.json").read_text())["vocab_size"] == 512

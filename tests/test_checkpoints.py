@@ -7,17 +7,19 @@ import signal
 import jax
 import numpy as np
 import pytest
+from test_train_resume import run_tiny
 
 from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
 from mtllama_jax.config import LlamaConfig
-from test_train_resume import run_tiny
 
 CONFIG = LlamaConfig.tiny()
 
 
 def make_trainer(sizes, rules):
     return trainer.Trainer(
-        CONFIG, partitioning.make_mesh(*sizes), partitioning.logical_axis_rules(rules),
+        CONFIG,
+        partitioning.make_mesh(*sizes),
+        partitioning.logical_axis_rules(rules),
         optim.make_optimizer(1e-3, weight_decay=0.1),
     )
 
@@ -44,12 +46,12 @@ def test_restore_onto_another_mesh_keep_k_and_partial_steps(tmp_path):
     kernel = restored.params["layers"]["attention"]["q_proj"]["kernel"]
     assert kernel.sharding == tp.state_shardings.params["layers"]["attention"]["q_proj"]["kernel"]
     assert "tensor" in jax.tree.leaves(tuple(kernel.sharding.spec))
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        restored, state)
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), restored, state)
     assert all(jax.tree.leaves(same))
     params = checkpoints.restore_params(str(tmp_path), 6, tp.abstract_restore_target().params)
-    assert np.array_equal(np.asarray(params["embed"]["embedding"]),
-                          np.asarray(state.params["embed"]["embedding"]))
+    assert np.array_equal(
+        np.asarray(params["embed"]["embedding"]), np.asarray(state.params["embed"]["embedding"])
+    )
 
 
 def test_model_dir_of_another_model_is_refused_showing_both(tmp_path):
@@ -68,8 +70,9 @@ def test_model_dir_of_another_model_is_refused_showing_both(tmp_path):
 def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
     model_dir = str(tmp_path)
     # The signal comes while the loop waits for step 2's batch: it stops there, at step 1.
-    state, reason = run_tiny(model_dir, kill_at=1, sig=signal.SIGTERM, num_steps=4,
-                             checkpoint_every_steps=100)
+    state, reason = run_tiny(
+        model_dir, kill_at=1, sig=signal.SIGTERM, num_steps=4, checkpoint_every_steps=100
+    )
     assert reason == "preempted" and int(state.step) == 1
     assert checkpoints.TrainCheckpoints(model_dir).all_steps() == [1]
     state, reason = run_tiny(model_dir, num_steps=4, checkpoint_every_steps=100)
@@ -86,8 +89,7 @@ def test_time_policy_waits_its_interval_from_the_start(tmp_path):
 
     from mtllama_jax import train_state
 
-    state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3),
-                               jax.random.key(0))
+    state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3), jax.random.key(0))
     ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=None, every_minutes=1 / 60)
     assert not ckpt.maybe_save(1, state)  # not at the first step of a run
     time.sleep(1.1)
@@ -105,5 +107,9 @@ def test_model_dir_names_the_sentencepiece_model_tokenizer_model(tmp_path):
     model_dir = tmp_path / "model"
     checkpoints.write_model_dir_files(str(model_dir), CONFIG, [str(spm), str(extra)], "x = 1")
     assert sorted(os.listdir(model_dir)) == [
-        "config.gin", "config.json", "special_tokens_map.json", "tokenizer.model"]
+        "config.gin",
+        "config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    ]
     assert (model_dir / "tokenizer.model").read_bytes() == b"sp"

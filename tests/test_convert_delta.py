@@ -6,11 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import assert_bitwise, convert, make_hf, read_all
 from safetensors.numpy import save_file
 
 from mtllama_jax.convert import delta, manifest
-
-from conftest import assert_bitwise, convert, make_hf, read_all
 
 F16 = np.float16
 
@@ -54,8 +53,7 @@ def base_and_target(tmp_path, tokenizer_model):
     base = make_hf(tmp_path / "base", tokenizer_model, seed=10)
     (tmp_path / "base" / "added_tokens.json").write_text(json.dumps({"[PAD]": 32000}))
     target = fine_tune(base, np.random.default_rng(1), reachable=True)
-    target = write_hf(tmp_path / "target", target, base, base, vocab_size=32001,
-                      pad_token_id=32000)
+    target = write_hf(tmp_path / "target", target, base, base, vocab_size=32001, pad_token_id=32000)
     os.remove(tmp_path / "base" / "added_tokens.json")
     return base, target
 
@@ -71,27 +69,48 @@ def test_make_then_apply_gives_the_fp16_target_bitwise(tmp_path, base_and_target
     for name in delta.VOCAB_ROWS:
         assert deltas[name].shape == (32001, 32)
         assert deltas[name][32000].tobytes() == t16[name][32000].tobytes()
-    convert("apply-delta", "--base", base, "--delta", tmp_path / "delta", "--out",
-            tmp_path / "applied", "--max-shard-size", "100KB", "--check")
+    convert(
+        "apply-delta",
+        "--base",
+        base,
+        "--delta",
+        tmp_path / "delta",
+        "--out",
+        tmp_path / "applied",
+        "--max-shard-size",
+        "100KB",
+        "--check",
+    )
     assert_bitwise(read_all(tmp_path / "applied"), t16)
     config = json.loads((tmp_path / "applied" / "config.json").read_text())
     assert (config["vocab_size"], config["torch_dtype"]) == (32001, "float16")
     convert("verify", tmp_path / "applied")
 
 
-def test_unreachable_elements_are_counted_and_off_by_at_most_an_ulp(tmp_path, base_and_target, capsys):
+def test_unreachable_elements_are_counted_and_off_by_at_most_an_ulp(
+    tmp_path, base_and_target, capsys
+):
     """Not every fp32 target has an fp16 delta: base16 + d lies on base16's grid when
     |target| << |base|. make-delta reports exactly the elements it cannot reproduce."""
     base, reachable = base_and_target
-    target = write_hf(tmp_path / "noisy", fine_tune(base, np.random.default_rng(3),
-                                                     reachable=False), reachable, reachable)
+    target = write_hf(
+        tmp_path / "noisy",
+        fine_tune(base, np.random.default_rng(3), reachable=False),
+        reachable,
+        reachable,
+    )
     delta.make_delta(base, target, tmp_path / "delta")
-    reported = sum(int(line.split()[1]) for line in capsys.readouterr().err.splitlines()
-                   if line.startswith("make-delta:"))
+    reported = sum(
+        int(line.split()[1])
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("make-delta:")
+    )
     delta.apply_delta(base, tmp_path / "delta", tmp_path / "applied")
     applied, wanted = read_all(tmp_path / "applied"), read_all(target)
-    base16 = {n: np.pad(w.astype(F16), ((0, wanted[n].shape[0] - w.shape[0]),) + ((0, 0),)
-                        * (w.ndim - 1)) for n, w in read_all(base).items()}
+    base16 = {
+        n: np.pad(w.astype(F16), ((0, wanted[n].shape[0] - w.shape[0]),) + ((0, 0),) * (w.ndim - 1))
+        for n, w in read_all(base).items()
+    }
     differ = 0
     for name, a in applied.items():
         t16 = wanted[name].astype(F16)
@@ -120,19 +139,27 @@ def test_apply_delta_is_fp16_arithmetic_as_fastchat(tmp_path, base_and_target, t
         assert out[name].tobytes() == (padded + deltas[name]).tobytes(), name
 
 
-def test_bad_deltas_are_refused_naming_what_differs(tmp_path, base_and_target, tokenizer_model,
-                                                    capsys):
+def test_bad_deltas_are_refused_naming_what_differs(
+    tmp_path, base_and_target, tokenizer_model, capsys
+):
     base, target = base_and_target
     other = make_hf(tmp_path / "wide", tokenizer_model, hidden_size=48, vocab_size=32001)
-    with pytest.raises(ValueError, match=r"different architectures \(hidden_size: base 32, "
-                                         r"delta 48; head_dim: base 8, delta 12\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"different architectures \(hidden_size: base 32, "
+        r"delta 48; head_dim: base 8, delta 12\)",
+    ):
         delta.apply_delta(base, other, tmp_path / "out")
     weights = read_all(target)
-    two = {n: (np.concatenate([w, w[:1]]) if n in delta.VOCAB_ROWS else w)
-           for n, w in weights.items()}
+    two = {
+        n: (np.concatenate([w, w[:1]]) if n in delta.VOCAB_ROWS else w) for n, w in weights.items()
+    }
     two_dir = write_hf(tmp_path / "two", two, target, target, vocab_size=32002)
-    with pytest.raises(ValueError, match=r"vocab_size 32002 but base .* has 32000: only the "
-                                         r"same vocabulary or one added token"):
+    with pytest.raises(
+        ValueError,
+        match=r"vocab_size 32002 but base .* has 32000: only the "
+        r"same vocabulary or one added token",
+    ):
         delta.apply_delta(base, two_dir, tmp_path / "out")
     lacking = {n: w for n, w in weights.items() if n != "model.layers.0.self_attn.v_proj.weight"}
     lacking_dir = write_hf(tmp_path / "lacking", lacking, target, target)
@@ -163,8 +190,7 @@ def fastchat_02_tokenizer(folder, spm_model):
         (source / "tokenizer.model").write_bytes(src.read())
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    for name in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-                 manifest.NAME):
+    for name in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json", manifest.NAME):
         if (folder / name).exists():
             os.remove(folder / name)
     tokenizer.save_pretrained(folder)
@@ -176,8 +202,9 @@ def test_a_fastchat_02_delta_with_tokenizer_json_only_applies(tmp_path, base_and
     convert("make-delta", "--base", base, "--target", target, "--out", tmp_path / "delta")
     fastchat_02_tokenizer(tmp_path / "delta", os.path.join(base, "tokenizer.model"))
     capsys.readouterr()
-    convert("apply-delta", "--base", base, "--delta", tmp_path / "delta", "--out",
-            tmp_path / "applied")
+    convert(
+        "apply-delta", "--base", base, "--delta", tmp_path / "delta", "--out", tmp_path / "applied"
+    )
     err = capsys.readouterr().err
     assert "has no tokenizer.model (tokenizer.json only" in err and "plus [PAD] 64" in err
     applied = tmp_path / "applied"
@@ -185,7 +212,8 @@ def test_a_fastchat_02_delta_with_tokenizer_json_only_applies(tmp_path, base_and
     with open(os.path.join(base, "tokenizer.model"), "rb") as f:
         assert (applied / "tokenizer.model").read_bytes() == f.read()  # taken from the base
     assert (applied / "tokenizer.json").read_bytes() == (
-        tmp_path / "delta" / "tokenizer.json").read_bytes()
+        tmp_path / "delta" / "tokenizer.json"
+    ).read_bytes()
     convert("verify", applied)
 
 
@@ -196,13 +224,27 @@ def test_a_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, base_and_ta
     convert("make-delta", "--base", base, "--target", target, "--out", tmp_path / "delta")
     other = tmp_path / "other.txt"
     other.write_text("\n".join(f"river stone cloud {i} lorem ipsum" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(other), model_prefix=str(tmp_path / "other"),
-                                   vocab_size=64, model_type="bpe", bos_id=1, eos_id=2,
-                                   unk_id=0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(other),
+        model_prefix=str(tmp_path / "other"),
+        vocab_size=64,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        minloglevel=2,
+    )
     fastchat_02_tokenizer(tmp_path / "delta", tmp_path / "other.model")
     with pytest.raises(SystemExit):
-        convert("apply-delta", "--base", base, "--delta", tmp_path / "delta", "--out",
-                tmp_path / "applied")
+        convert(
+            "apply-delta",
+            "--base",
+            base,
+            "--delta",
+            tmp_path / "delta",
+            "--out",
+            tmp_path / "applied",
+        )
     err = capsys.readouterr().err
     assert "has no tokenizer.model and its tokenizer.json is not the base's vocabulary" in err
     assert "copy the tokenizer.model the delta was made with" in err

@@ -1,4 +1,4 @@
-"""HF <-> Orbax conversion: bitwise round trips, transformers parity, MODEL_DIR, unsafe .bin, bad input."""
+"""HF <-> Orbax conversion: bitwise round trips, transformers parity, MODEL_DIR, .bin, bad input."""
 
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
+from conftest import assert_bitwise, convert, make_hf, read_all
 from safetensors.torch import save_file
 
 from mtllama_jax import checkpoint_folder, checkpoints
@@ -15,8 +15,6 @@ from mtllama_jax.config import LlamaConfig
 from mtllama_jax.convert import hf_files, hf_params, manifest
 from mtllama_jax.model import LlamaForCausalLM
 from mtllama_jax.train_state import TrainState
-
-from conftest import assert_bitwise, convert, make_hf, read_all
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -27,9 +25,22 @@ def test_round_trip_is_bitwise(tmp_path, tokenizer_model, dtype):
     config = checkpoint_folder.load_config(tmp_path / "ckpt")
     assert config.param_dtype == ("float32" if dtype == torch.float32 else "bfloat16")
     assert sorted(os.listdir(tmp_path / "ckpt")) == [
-        "config.json", "manifest.json", "params", "special_tokens_map.json", "tokenizer.model"]
-    convert("jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back",
-            "--max-shard-size", "200KB", "--check")
+        "config.json",
+        "manifest.json",
+        "params",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    ]
+    convert(
+        "jax-to-hf",
+        "--ckpt",
+        tmp_path / "ckpt",
+        "--out",
+        tmp_path / "back",
+        "--max-shard-size",
+        "200KB",
+        "--check",
+    )
     back = str(tmp_path / "back")
     assert len([n for n in os.listdir(back) if n.endswith(".safetensors")]) > 1
     assert_bitwise(read_all(back), read_all(hf))
@@ -59,8 +70,13 @@ def test_training_model_dir_exports_its_latest_step(tmp_path, tokenizer_model):
     params = hf_params.hf_to_params(read_all(hf), config)
     model_dir = tmp_path / "run"
     ckpt = checkpoints.TrainCheckpoints(str(model_dir), every_steps=None, async_save=False)
-    state = TrainState(params=params, step=np.int32(7), opt_state={},
-                       rng=np.zeros(2, np.uint32), skipped=np.int32(0))
+    state = TrainState(
+        params=params,
+        step=np.int32(7),
+        opt_state={},
+        rng=np.zeros(2, np.uint32),
+        skipped=np.int32(0),
+    )
     ckpt.save(1, state.replace(params=jax.tree.map(np.zeros_like, params)))
     ckpt.save(7, state)
     ckpt.close()
@@ -74,8 +90,7 @@ class _RunsCode:
         return (os.mkdir, (os.environ["PWNED_DIR"],))
 
 
-def test_bin_whose_pickle_would_run_code_is_refused(tmp_path, tokenizer_model, monkeypatch,
-                                                     capsys):
+def test_bin_whose_pickle_would_run_code_is_refused(tmp_path, tokenizer_model, monkeypatch, capsys):
     hf = make_hf(tmp_path / "hf", tokenizer_model, seed=3)
     tensors = {n: torch.from_numpy(np.array(a)) for n, a in read_all(hf).items()}
     safe = tmp_path / "bin"
@@ -105,8 +120,11 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path, tokenizer_model, capsys)
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
     st = os.path.join(hf, "model.safetensors")
-    missing = {n: torch.from_numpy(np.array(a)) for n, a in weights.items()
-               if n != "model.layers.1.mlp.up_proj.weight"}
+    missing = {
+        n: torch.from_numpy(np.array(a))
+        for n, a in weights.items()
+        if n != "model.layers.1.mlp.up_proj.weight"
+    }
     save_file(missing, st)
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model.layers.1.mlp.up_proj"):
         hf_files_to_jax(hf, tmp_path / "x")
@@ -120,8 +138,11 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path, tokenizer_model, capsys)
         hf_files_to_jax(hf, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match=r"does not match its manifest.json:\n  params/"):
-        victim = next(p for p in (tmp_path / "ckpt" / "params").rglob("*") if p.is_file()
-                      and p.stat().st_size > 100)
+        victim = next(
+            p
+            for p in (tmp_path / "ckpt" / "params").rglob("*")
+            if p.is_file() and p.stat().st_size > 100
+        )
         victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
         manifest.check(str(tmp_path / "ckpt"))
 
@@ -132,8 +153,9 @@ def hf_files_to_jax(hf, out):
     orbax_hf.hf_to_jax(hf, out)
 
 
-def test_interrupted_conversion_leaves_no_half_written_folder(tmp_path, tokenizer_model,
-                                                              monkeypatch):
+def test_interrupted_conversion_leaves_no_half_written_folder(
+    tmp_path, tokenizer_model, monkeypatch
+):
     hf = make_hf(tmp_path / "hf", tokenizer_model, seed=5)
     convert("hf-to-jax", "--hf", hf, "--out", tmp_path / "ckpt")
     before = manifest.compute(str(tmp_path / "ckpt"))
@@ -154,15 +176,16 @@ def test_interrupted_conversion_leaves_no_half_written_folder(tmp_path, tokenize
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]
 
 
-
 def test_vocab_size_appends_zero_rows_for_mtllama_pad(tmp_path, tokenizer_model, capsys):
     hf = make_hf(tmp_path / "hf", tokenizer_model, seed=2)
     convert("hf-to-jax", "--hf", hf, "--out", tmp_path / "ckpt", "--vocab-size", "32001")
     config = checkpoint_folder.load_config(tmp_path / "ckpt")
     params = checkpoint_folder.load_params(tmp_path / "ckpt")
     original = read_all(hf)
-    embedding, head = np.asarray(params["embed"]["embedding"]), np.asarray(
-        params["lm_head"]["kernel"])
+    embedding, head = (
+        np.asarray(params["embed"]["embedding"]),
+        np.asarray(params["lm_head"]["kernel"]),
+    )
     assert config.vocab_size == 32001 and embedding.shape[0] == 32001 and head.shape[1] == 32001
     np.testing.assert_array_equal(embedding[:32000], original["model.embed_tokens.weight"])
     np.testing.assert_array_equal(head[:, :32000], original["lm_head.weight"].T)

@@ -4,6 +4,7 @@ The cache is built by `mtllama-cache` itself (spawned tokenising workers) from
 fixture P3 folders of three real T0 task names; the pipeline packs in Grain
 worker processes. A kill -9 during a build is this file run as a script.
 """
+
 import collections
 import json
 import os
@@ -34,14 +35,20 @@ if MIXTURE not in seqio.MixtureRegistry.names():
 
 def _write_task(root, task, n, seed):
     rng = np.random.default_rng(seed)
-    records = [{"inputs_pretokenized": " ".join(rng.choice(WORDS, rng.integers(3, 60))),
-                "targets_pretokenized": " ".join(rng.choice(WORDS, rng.integers(1, 6)))}
-               for _ in range(n)]
+    records = [
+        {
+            "inputs_pretokenized": " ".join(rng.choice(WORDS, rng.integers(3, 60))),
+            "targets_pretokenized": " ".join(rng.choice(WORDS, rng.integers(1, 6))),
+        }
+        for _ in range(n)
+    ]
     folder = os.path.join(root, task)
     os.makedirs(folder, exist_ok=True)
     for s in range(2):
-        pq.write_table(pa.Table.from_pylist(records[s::2]),
-                       os.path.join(folder, f"train-{s:05d}-of-00002.parquet"))
+        pq.write_table(
+            pa.Table.from_pylist(records[s::2]),
+            os.path.join(folder, f"train-{s:05d}-of-00002.parquet"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +59,18 @@ def env(tmp_path_factory):
         _write_task(str(root / "p3"), task, 120 + 40 * i, i)
     os.environ[p3.P3_DIR_ENV] = str(root / "p3")
     out = str(root / "cache")
-    assert cache_job.main([f"--mixture_or_task_name={MIXTURE}", f"--out={out}",
-                           "--gin.cache.workers=2", "--gin.cache.progress=False",
-                           "--gin.cache.verify=True"]) == 0
+    assert (
+        cache_job.main(
+            [
+                f"--mixture_or_task_name={MIXTURE}",
+                f"--out={out}",
+                "--gin.cache.workers=2",
+                "--gin.cache.progress=False",
+                "--gin.cache.verify=True",
+            ]
+        )
+        == 0
+    )
     yield {"root": root, "cache": out}
     del os.environ[p3.P3_DIR_ENV]
 
@@ -62,9 +78,19 @@ def env(tmp_path_factory):
 def spec(cache_dir, **kw):
     v = vocab.configured_vocabulary()
     tasks = build.check_cache(cache_dir, MIXTURE, "train")
-    args = dict(cache_dir=cache_dir, split="train", tasks=tuple(t for t, _ in tasks),
-                rates=tuple(r for _, r in tasks), sequence_length=128, rows=4,
-                bos_id=v.bos_id, eos_id=v.eos_id, seed=5, buffer_size=64, workers=0)
+    args = dict(
+        cache_dir=cache_dir,
+        split="train",
+        tasks=tuple(t for t, _ in tasks),
+        rates=tuple(r for _, r in tasks),
+        sequence_length=128,
+        rows=4,
+        bos_id=v.bos_id,
+        eos_id=v.eos_id,
+        seed=5,
+        buffer_size=64,
+        workers=0,
+    )
     args.update(kw)
     return pipeline.PipelineSpec(**args)
 
@@ -120,7 +146,7 @@ def test_resume_at_random_steps_is_bitwise(env):
     for k in sorted(np.random.default_rng().choice(np.arange(1, 20), 2, replace=False)):
         head, state = _run(spec(env["cache"], workers=2), steps=int(k))
         tail, _ = _run(s, start_state=state, steps=4)
-        for a, b in zip(head + tail, reference[:k + 4]):
+        for a, b in zip(head + tail, reference[: k + 4]):
             assert all(np.array_equal(a[f], b[f]) for f in data.FEATURES), k
     # A checkpoint without data state: seeking lands on the same batch.
     seeking = pipeline.CacheBatches(s, start_step=7)
@@ -140,8 +166,10 @@ def test_stale_cache_is_refused_naming_what_differs(env, tmp_path):
     parquet = os.path.join(env["root"], "p3", task, "train-00000-of-00002.parquet")
     os.utime(parquet, ns=(time.time_ns(), time.time_ns() + 10**9))
     try:
-        with pytest.raises(cache.CacheError, match=f"(?s){task} was built differently: "
-                                                   "sources.*mtllama-cache --mixture_or_task"):
+        with pytest.raises(
+            cache.CacheError,
+            match=f"(?s){task} was built differently: sources.*mtllama-cache --mixture_or_task",
+        ):
             build.check_cache(env["cache"], MIXTURE, "train")
     finally:
         os.utime(parquet, ns=(time.time_ns(), time.time_ns()))
@@ -174,8 +202,9 @@ def test_truncated_cache_file_is_named(env, tmp_path):
 
 def test_kill_during_build_then_rebuild_equals_uninterrupted(env, tmp_path):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, __file__, out], env=dict(os.environ),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, out], env=dict(os.environ), start_new_session=True
+    )
     first = cache.task_folder(out, sorted(TASKS)[0])
     deadline = time.time() + 240
     while not os.path.exists(os.path.join(first, cache.TASK_JSON)) and time.time() < deadline:
@@ -190,8 +219,17 @@ def test_kill_during_build_then_rebuild_equals_uninterrupted(env, tmp_path):
             break
         time.sleep(0.05)
     assert os.path.exists(first), "the build never finished a task"
-    assert cache_job.main([f"--mixture_or_task_name={MIXTURE}", f"--out={out}",
-                           "--gin.cache.workers=1", "--gin.cache.progress=False"]) == 0
+    assert (
+        cache_job.main(
+            [
+                f"--mixture_or_task_name={MIXTURE}",
+                f"--out={out}",
+                "--gin.cache.workers=1",
+                "--gin.cache.progress=False",
+            ]
+        )
+        == 0
+    )
     assert not [e for e in os.listdir(os.path.join(out, cache.TASKS)) if e.startswith(".")]
     for task in TASKS:
         for name, _ in cache.FILES.values():
@@ -215,14 +253,19 @@ def test_a_dead_worker_ends_the_stream_with_an_error(env):
 
 
 def test_every_example_dropped_fails_naming_the_counts(env):
-    with pytest.raises(data.NoFittingExamples, match="none of its .* cached examples fits a "
-                                                     "row of 4 tokens"):
+    with pytest.raises(
+        data.NoFittingExamples, match="none of its .* cached examples fits a row of 4 tokens"
+    ):
         next(pipeline.CacheBatches(spec(env["cache"], sequence_length=4, truncate=False)))
-    it = data.batches("glue_mrpc_equivalent", sequence_length=3, batch_size=1, seed=0,
-                      truncate=False)
-    with pytest.raises(data.NoFittingExamples, match=r"'glue_mrpc_equivalent' \(train\): none "
-                                                     r"of the first 4096 examples .* 4096 are "
-                                                     r"too long"):
+    it = data.batches(
+        "glue_mrpc_equivalent", sequence_length=3, batch_size=1, seed=0, truncate=False
+    )
+    with pytest.raises(
+        data.NoFittingExamples,
+        match=r"'glue_mrpc_equivalent' \(train\): none "
+        r"of the first 4096 examples .* 4096 are "
+        r"too long",
+    ):
         next(it)
 
 
@@ -238,23 +281,38 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
     from mtllama_jax import optim, partitioning, train
     from mtllama_jax.config import LlamaConfig
 
-    s = spec(cache_dir, rows=16 // jax.process_count(), sequence_length=32,
-             shard_index=jax.process_index(), num_shards=jax.process_count(), workers=workers)
+    s = spec(
+        cache_dir,
+        rows=16 // jax.process_count(),
+        sequence_length=32,
+        shard_index=jax.process_index(),
+        num_shards=jax.process_count(),
+        workers=workers,
+    )
     schedule = optim.learning_rate_schedule(3e-3, STEPS, "cosine", warmup_steps=2)
     return train.run(
-        LlamaConfig.tiny(), (partitioning.make_mesh(1, -1, 1),
-                             partitioning.logical_axis_rules("fsdp")),
-        (optim.make_optimizer(schedule, weight_decay=0.1), schedule), model_dir, num_steps,
-        lambda start: pipeline.CacheBatches(s, start), seed=3, checkpoint_every_steps=None,
-        log_every_steps=1, progress=False, task_names=s.tasks,
-        task_groups={t: "paraphrase" for t in s.tasks})
+        LlamaConfig.tiny(),
+        (partitioning.make_mesh(1, -1, 1), partitioning.logical_axis_rules("fsdp")),
+        (optim.make_optimizer(schedule, weight_decay=0.1), schedule),
+        model_dir,
+        num_steps,
+        lambda start: pipeline.CacheBatches(s, start),
+        seed=3,
+        checkpoint_every_steps=None,
+        log_every_steps=1,
+        progress=False,
+        task_names=s.tasks,
+        task_groups={t: "paraphrase" for t in s.tasks},
+    )
 
 
 def _curve(model_dir):
     from mtllama_jax import metrics
 
-    return [(r["step"], r["loss"], r["grad_norm"])
-            for r in metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))]
+    return [
+        (r["step"], r["loss"], r["grad_norm"])
+        for r in metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+    ]
 
 
 def test_training_resumes_bitwise_from_the_checkpointed_data_state(env, tmp_path):
@@ -270,8 +328,9 @@ def test_training_resumes_bitwise_from_the_checkpointed_data_state(env, tmp_path
     assert "process_0-of-1.json" in os.listdir(data_dir), os.listdir(data_dir)
     resumed, _ = train_cached(resumed_dir, env["cache"], STEPS)
     assert _curve(resumed_dir) == _curve(str(tmp_path / "ref")), stop
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        resumed, reference)
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed, reference
+    )
     assert all(jax.tree.leaves(same)), stop
     # Per-task losses add up to the step's loss; the cluster sums them again.
     train = metrics.read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"))
@@ -285,8 +344,9 @@ def test_training_resumes_bitwise_from_the_checkpointed_data_state(env, tmp_path
         np.testing.assert_allclose(summed / tokens, r["loss"], rtol=1e-5)
         np.testing.assert_allclose(c["paraphrase/loss"], r["loss"], rtol=1e-5)
     # A checkpoint of two processes' positions is refused by one process.
-    os.rename(os.path.join(data_dir, "process_0-of-1.json"),
-              os.path.join(data_dir, "process_0-of-2.json"))
+    os.rename(
+        os.path.join(data_dir, "process_0-of-1.json"), os.path.join(data_dir, "process_0-of-2.json")
+    )
     ckpt = checkpoints.TrainCheckpoints(resumed_dir)
     with pytest.raises(ValueError, match="position of 2 processes; this run has 1"):
         ckpt.restore_data(stop, pipeline.CacheBatches(spec(env["cache"])).orbax_restore_args())
@@ -298,24 +358,46 @@ def test_two_processes_resume_bitwise(env, tmp_path):
 
     port = _free_port()
     stop = int(np.random.default_rng().integers(1, STEPS))
-    child_env = dict(os.environ, JAX_PLATFORMS="cpu",
-                     XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                     # the three runs of each process compile the same step once
-                     JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                     PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
-                                                 os.path.dirname(os.path.dirname(__file__))]))
-    workers = [subprocess.Popen([sys.executable, __file__, "train", env["cache"], str(tmp_path),
-                                 str(port), str(i), str(stop)], env=child_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
+    child_env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        # the three runs of each process compile the same step once
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
+        ),
+    )
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "train",
+                env["cache"],
+                str(tmp_path),
+                str(port),
+                str(i),
+                str(stop),
+            ],
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [w.communicate(timeout=400)[0] for w in workers]
     for w, out in zip(workers, outputs):
         assert w.returncode == 0, out[-3000:]
     assert _curve(str(tmp_path / "resumed")) == _curve(str(tmp_path / "ref")), stop
     for i in range(2):
-        assert os.path.exists(os.path.join(tmp_path, "resumed", "checkpoints", str(stop),
-                                           "data", f"process_{i}-of-2.json"))
+        assert os.path.exists(
+            os.path.join(
+                tmp_path, "resumed", "checkpoints", str(stop), "data", f"process_{i}-of-2.json"
+            )
+        )
 
 
 def _two_process_main(cache_dir, root, port, process_id, stop):
@@ -330,8 +412,17 @@ def _two_process_main(cache_dir, root, port, process_id, stop):
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":  # one process of test_two_processes_resume_bitwise
-        _two_process_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
-                          int(sys.argv[6]))
+        _two_process_main(
+            sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+        )
     else:  # the build killed by test_kill_during_build_...
-        sys.exit(cache_job.main([f"--mixture_or_task_name={MIXTURE}", f"--out={sys.argv[1]}",
-                                 "--gin.cache.workers=1", "--gin.cache.progress=False"]))
+        sys.exit(
+            cache_job.main(
+                [
+                    f"--mixture_or_task_name={MIXTURE}",
+                    f"--out={sys.argv[1]}",
+                    "--gin.cache.workers=1",
+                    "--gin.cache.progress=False",
+                ]
+            )
+        )

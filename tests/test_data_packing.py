@@ -1,4 +1,5 @@
 """Packing to the batch contract: segments, positions, loss weights, cuts, fill."""
+
 import numpy as np
 import pytest
 
@@ -22,8 +23,13 @@ def test_rows_follow_the_batch_contract():
     assert b["loss_weights"][0].tolist() == [0, 0, 1, 1, 1, 0, 1, 1, 0, 0]
     assert not b["segment_ids"][1].any() and not b["loss_weights"][1].any()
     assert {k: v.dtype.name for k, v in b.items()} == {
-        "input_tokens": "int32", "target_tokens": "int32", "positions": "int32",
-        "segment_ids": "int32", "loss_weights": "float32", "task_ids": "int32"}
+        "input_tokens": "int32",
+        "target_tokens": "int32",
+        "positions": "int32",
+        "segment_ids": "int32",
+        "loss_weights": "float32",
+        "task_ids": "int32",
+    }
 
 
 def test_over_long_inputs_cut_from_the_left_or_dropped():
@@ -33,8 +39,7 @@ def test_over_long_inputs_cut_from_the_left_or_dropped():
     assert kept[0].tolist() == [15, 16, 17, 18, 19] and kept[1] is targets
     assert data.fit_example(inputs, targets, 8, EOS, stats, truncate=False) is None
     assert data.fit_example(*example(0, 9), 8, EOS, stats) is None  # response alone too long
-    assert data.fit_example(np.ones(3, np.int32), np.array([EOS], np.int32), 8, EOS,
-                            stats) is None
+    assert data.fit_example(np.ones(3, np.int32), np.array([EOS], np.int32), 8, EOS, stats) is None
     assert (stats.truncated, stats.dropped_too_long, stats.dropped_empty_target) == (1, 2, 1)
     assert stats.examples == 4
 
@@ -54,8 +59,14 @@ def test_fill_on_a_p3_like_length_distribution(length):
     rng = np.random.default_rng(1)
     totals = np.clip(rng.lognormal(np.log(length) - 2.6, 1.0, 3000).astype(int), 3, length)
     stats = data.PackingStats(length)
-    rows = list(data.counted(data.pack_rows(
-        (example(t - 2, 2) for t in totals), length=length, eos_id=EOS, stats=stats), stats))
+    rows = list(
+        data.counted(
+            data.pack_rows(
+                (example(t - 2, 2) for t in totals), length=length, eos_id=EOS, stats=stats
+            ),
+            stats,
+        )
+    )
     assert stats.segments == 3000 and stats.tokens == totals.sum()
     assert all(sum(len(i) + len(t) for i, t in r) <= length for r in rows)
     assert stats.non_padding_fraction >= 0.95, stats.report()

@@ -36,8 +36,15 @@ def sp(tmp_path_factory):
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=CONFIG.vocab_size,
-        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        input=str(corpus),
+        model_prefix=str(folder / "sp"),
+        vocab_size=CONFIG.vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         minloglevel=2,
     )
     return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
@@ -53,7 +60,7 @@ def greedy_by_recomputation(params, prompt, n):
     seq, tokens, logits = list(prompt), [], []
     for _ in range(n):
         padded = np.zeros((1, CONFIG.max_position_embeddings), np.int32)
-        padded[0, :len(seq)] = seq  # right padding: causal, so earlier slots are unchanged
+        padded[0, : len(seq)] = seq  # right padding: causal, so earlier slots are unchanged
         last = _forward(params, padded)[0, len(seq) - 1]
         tokens.append(int(jnp.argmax(last)))
         logits.append(np.asarray(last))
@@ -72,8 +79,9 @@ def test_cached_decoding_equals_full_recomputation(params, decoder):
 
 def test_sharded_decoding_matches_one_device(params, decoder):
     mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = decoding.Decoder(CONFIG, mesh, partitioning.logical_axis_rules("fsdp_tp"),
-                               length_bucket=8)
+    sharded = decoding.Decoder(
+        CONFIG, mesh, partitioning.logical_axis_rules("fsdp_tp"), length_bucket=8
+    )
     expect = [g.tokens for g in decoder.generate(params, PROMPTS, max_new_tokens=6)]
     assert [g.tokens for g in sharded.generate(params, PROMPTS, max_new_tokens=6)] == expect
 
@@ -86,10 +94,11 @@ def test_stop_token_ids_and_stop_strings_end_generation(params, decoder, sp):
     assert eos.finish_reason == "eos"
 
     text = free.text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), f"pick a visible stop string from {text!r}"
-    cut = decoder.generate(params, PROMPTS[:1], max_new_tokens=16, stop_strings=[stop],
-                           detokenize=sp.decode)[0]
+    cut = decoder.generate(
+        params, PROMPTS[:1], max_new_tokens=16, stop_strings=[stop], detokenize=sp.decode
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.text == text[: text.find(stop)]
     assert len(cut.tokens) < len(free.tokens)
@@ -99,18 +108,27 @@ def test_streamed_text_adds_up_and_holds_back_stop_prefixes(params, decoder, sp)
     free = decoder.generate(params, PROMPTS[:1], max_new_tokens=16, detokenize=sp.decode)[0]
     pieces = []
     stop = free.text[-3:] + "never-produced"
-    gen = decoder.generate(params, PROMPTS[:1], max_new_tokens=16, detokenize=sp.decode,
-                           stop_strings=[stop], stream=lambda row, text: pieces.append(text))[0]
+    gen = decoder.generate(
+        params,
+        PROMPTS[:1],
+        max_new_tokens=16,
+        detokenize=sp.decode,
+        stop_strings=[stop],
+        stream=lambda row, text: pieces.append(text),
+    )[0]
     assert "".join(pieces) == gen.text == free.text
     assert len(pieces) > 1
 
 
 def test_sampling(params, decoder):
     greedy = [g.tokens for g in decoder.generate(params, PROMPTS, max_new_tokens=6)]
-    for sampling in (decoding.Sampling(temperature=1.0, top_k=1),
-                     decoding.Sampling(temperature=1.0, top_p=1e-6)):
-        assert [g.tokens for g in decoder.generate(
-            params, PROMPTS, max_new_tokens=6, sampling=sampling)] == greedy
+    for sampling in (
+        decoding.Sampling(temperature=1.0, top_k=1),
+        decoding.Sampling(temperature=1.0, top_p=1e-6),
+    ):
+        assert [
+            g.tokens for g in decoder.generate(params, PROMPTS, max_new_tokens=6, sampling=sampling)
+        ] == greedy
     hot = decoding.Sampling(temperature=5.0)
     a = decoder.generate(params, PROMPTS, max_new_tokens=6, sampling=hot, rng=jax.random.key(1))
     b = decoder.generate(params, PROMPTS, max_new_tokens=6, sampling=hot, rng=jax.random.key(1))
@@ -130,7 +148,7 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
 def test_prompts_longer_than_the_context_are_cut_from_the_left(params, decoder):
     long_prompt = [1] + list(range(3, 100))
     gen = decoder.generate(params, [long_prompt], max_new_tokens=4)[0]
-    kept = long_prompt[-(CONFIG.max_position_embeddings - 4):]
+    kept = long_prompt[-(CONFIG.max_position_embeddings - 4) :]
     assert gen.prompt_truncated
     assert gen.tokens == greedy_by_recomputation(params, kept, 4)[0]
     with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
@@ -142,7 +160,7 @@ def test_score_equals_log_softmax_of_a_full_forward_pass(params, decoder):
     sums, counts, truncated = decoder.score(params, contexts, continuations)
     for ctx, cont, got in zip(contexts, continuations, sums):
         seq = np.zeros((1, CONFIG.max_position_embeddings), np.int32)
-        seq[0, :len(ctx) + len(cont)] = ctx + cont
+        seq[0, : len(ctx) + len(cont)] = ctx + cont
         logp = jax.nn.log_softmax(_forward(params, seq)[0])
         want = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
         assert got == pytest.approx(want, abs=1e-4)
@@ -156,14 +174,13 @@ def test_long_pairs_are_cut_as_lm_evaluation_harness_cuts_them(params, decoder):
     for total in (window, window + 1, window + 30):  # fits; one over (still whole); longer
         ctx = [1] + rng.integers(3, CONFIG.vocab_size, total - len(cont) - 1).tolist()
         (got,), (greedy,), (cut,) = decoder.loglikelihoods(params, [ctx], [cont])
-        read = (ctx + cont)[-(window + 1):][:-1]  # lm-eval's HFLM `_loglikelihood_tokens`
+        read = (ctx + cont)[-(window + 1) :][:-1]  # lm-eval's HFLM `_loglikelihood_tokens`
         seq = np.zeros((1, window), np.int32)
-        seq[0, :len(read)] = read
+        seq[0, : len(read)] = read
         logits = _forward(params, seq)[0]
         logp = jax.nn.log_softmax(logits)
         slots = [len(read) - len(cont) + k for k in range(len(cont))]
-        assert got == pytest.approx(sum(float(logp[j, t]) for j, t in zip(slots, cont)),
-                                    abs=1e-4)
+        assert got == pytest.approx(sum(float(logp[j, t]) for j, t in zip(slots, cont)), abs=1e-4)
         assert greedy == all(int(jnp.argmax(logits[j])) == t for j, t in zip(slots, cont))
         assert cut == (total > window + 1)
     greedy_cont = greedy_by_recomputation(params, [1, 5], 3)[0]

@@ -3,9 +3,9 @@
 import json
 import os
 
-import gin
 import pytest
 
+import gin
 from mtllama_jax import demo
 
 
@@ -18,19 +18,31 @@ def clean_gin():
 
 def test_demo_trains_evaluates_and_reports(tmp_path):
     run_dir = tmp_path / "demo"
-    assert demo.main([
-        "--gin_file=runs/demo.gin", f"--gin.DEMO_DIR='{run_dir}'",
-        "--gin.TRAIN_STEPS=4", "--gin.SEQUENCE_LENGTH=128", "--gin.train.eval_every_steps=2",
-        "--gin.train.checkpoint_every_steps=2", "--gin.synthetic_sizes.train=64",
-        "--gin.synthetic_sizes.validation=4", "--gin.demo.max_new_tokens=2",
-        "--gin.LlamaConfig.num_layers=1", "--gin.LlamaConfig.hidden_size=32",
-        "--gin.LlamaConfig.intermediate_size=64",
-    ]) == 0
+    assert (
+        demo.main(
+            [
+                "--gin_file=runs/demo.gin",
+                f"--gin.DEMO_DIR='{run_dir}'",
+                "--gin.TRAIN_STEPS=4",
+                "--gin.SEQUENCE_LENGTH=128",
+                "--gin.train.eval_every_steps=2",
+                "--gin.train.checkpoint_every_steps=2",
+                "--gin.synthetic_sizes.train=64",
+                "--gin.synthetic_sizes.validation=4",
+                "--gin.demo.max_new_tokens=2",
+                "--gin.LlamaConfig.num_layers=1",
+                "--gin.LlamaConfig.hidden_size=32",
+                "--gin.LlamaConfig.intermediate_size=64",
+            ]
+        )
+        == 0
+    )
     for name in ("results.md", "results.json", "results.png", "loss.png"):
         assert os.path.getsize(run_dir / name) > 0, name
     model_dir = run_dir / "model"
     assert {"config.json", "tokenizer.model", "config.gin", "metrics.jsonl"} <= set(
-        os.listdir(model_dir))
+        os.listdir(model_dir)
+    )
     assert "4" in os.listdir(model_dir / "checkpoints")
 
     runs = json.loads((run_dir / "results.json").read_text())

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import seqio
 import sentencepiece as spm
+import seqio
 import tensorflow as tf
 
 from mtllama_jax import decoding, evaluation, partitioning
@@ -28,9 +28,16 @@ def vocab(tmp_path_factory):
     lines = [" ".join(WORDS[(i * j + j) % len(WORDS)] for j in range(1, 9)) for i in range(300)]
     (folder / "corpus.txt").write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
-        vocab_size=CONFIG.vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2,
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=CONFIG.vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
     return LlamaVocabulary(str(folder / "tokenizer.model"))
 
@@ -70,9 +77,16 @@ def _choice_examples(n, prefix="pick one"):
         choices = list(OTHERS)
         label = i % 3
         choices.insert(label, PLANTED)
-        out.append({"inputs": f"{prefix} {WORDS[i % len(WORDS)]}", "targets": PLANTED,
-                    "answer_choices": choices, "answers": [], "label": label,
-                    "example_id": f"ex{i}"})
+        out.append(
+            {
+                "inputs": f"{prefix} {WORDS[i % len(WORDS)]}",
+                "targets": PLANTED,
+                "answer_choices": choices,
+                "answers": [],
+                "label": label,
+                "example_id": f"ex{i}",
+            }
+        )
     return out
 
 
@@ -84,8 +98,9 @@ def tasks(vocab):
     _register("fixture_long", _choice_examples(1, prefix=long_prompt), vocab)
     _register("fixture_missing", [], vocab, missing="/data/eval/missing-dev.json")
     seqio.MixtureRegistry.remove("fixture_mix")
-    seqio.MixtureRegistry.add("fixture_mix", ["fixture_planted", "fixture_missing"],
-                              default_rate=1.0)
+    seqio.MixtureRegistry.add(
+        "fixture_mix", ["fixture_planted", "fixture_missing"], default_rate=1.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +133,14 @@ def decoder():
 
 
 def test_rank_and_generate_pick_the_planted_answer(tasks, planted_params, vocab, decoder):
-    results = evaluation.evaluate(planted_params, CONFIG, vocab,
-                                  ["fixture_planted", "zeroshot_copa_fixture"], OPTIONS,
-                                  decoder=decoder)
+    results = evaluation.evaluate(
+        planted_params,
+        CONFIG,
+        vocab,
+        ["fixture_planted", "zeroshot_copa_fixture"],
+        OPTIONS,
+        decoder=decoder,
+    )
     planted = results["tasks"]["fixture_planted"]
     assert planted["examples"] == 6 and planted["without_gold"] == 0
     assert planted["rank"] == {"accuracy": 100.0, "accuracy_norm": 100.0}
@@ -130,35 +150,40 @@ def test_rank_and_generate_pick_the_planted_answer(tasks, planted_params, vocab,
 
 
 def test_rank_accuracy_counts_picks_that_equal_labels(tasks, vocab, decoder):
-    params = nn.unbox(LlamaForCausalLM(CONFIG).init(
-        jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-    options = evaluation.EvalOptions(batch_size=4, max_new_tokens=4, keep_predictions=True,
-                                     protocols=("rank",))
-    result = evaluation.evaluate(params, CONFIG, vocab, ["fixture_planted"], options,
-                                 decoder=decoder)
+    params = nn.unbox(
+        LlamaForCausalLM(CONFIG).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    )
+    options = evaluation.EvalOptions(
+        batch_size=4, max_new_tokens=4, keep_predictions=True, protocols=("rank",)
+    )
+    result = evaluation.evaluate(
+        params, CONFIG, vocab, ["fixture_planted"], options, decoder=decoder
+    )
     task = result["tasks"]["fixture_planted"]
     preds = task["predictions"]
     assert [p["label"] for p in preds] == [0, 1, 2, 0, 1, 2]
     picks = [p["rank"] for p in preds]
     assert task["rank"]["accuracy"] == pytest.approx(
-        100 * np.mean([p == q for p, q in zip(picks, [0, 1, 2, 0, 1, 2])]))
+        100 * np.mean([p == q for p, q in zip(picks, [0, 1, 2, 0, 1, 2])])
+    )
     assert all(len(p["loglik"]) == 3 for p in preds)
 
 
 def test_missing_set_is_skipped_with_its_reason_or_raises(tasks, planted_params, vocab, decoder):
-    results = evaluation.evaluate(planted_params, CONFIG, vocab, ["fixture_mix"], OPTIONS,
-                                  decoder=decoder)
+    results = evaluation.evaluate(
+        planted_params, CONFIG, vocab, ["fixture_mix"], OPTIONS, decoder=decoder
+    )
     assert set(results["tasks"]) == {"fixture_planted"}
     assert "missing-dev.json" in results["skipped"]["fixture_missing"]
     strict = evaluation.EvalOptions(batch_size=4, max_new_tokens=4, fail_on_missing=True)
     with pytest.raises(evaluation.MissingData, match="fixture_missing.*missing-dev.json"):
-        evaluation.evaluate(planted_params, CONFIG, vocab, ["fixture_mix"], strict,
-                            decoder=decoder)
+        evaluation.evaluate(planted_params, CONFIG, vocab, ["fixture_mix"], strict, decoder=decoder)
 
 
 def test_long_prompts_are_cut_and_counted(tasks, planted_params, vocab, decoder):
-    results = evaluation.evaluate(planted_params, CONFIG, vocab, ["fixture_long"], OPTIONS,
-                                  decoder=decoder)
+    results = evaluation.evaluate(
+        planted_params, CONFIG, vocab, ["fixture_long"], OPTIONS, decoder=decoder
+    )
     task = results["tasks"]["fixture_long"]
     assert task["truncated_prompts"] == 1
     assert task["rank"]["accuracy"] == 100.0
@@ -201,12 +226,16 @@ def test_t0_median_over_prompts():
 def test_train_hook_returns_flat_metrics(tasks, planted_params, vocab):
     mesh = partitioning.make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2])
     rules = partitioning.logical_axis_rules("fsdp")
-    hook = evaluation.train_hook(["fixture_planted"], vocab,
-                                 evaluation.EvalOptions(batch_size=4, max_new_tokens=2,
-                                                        protocols=("rank",)))
+    hook = evaluation.train_hook(
+        ["fixture_planted"],
+        vocab,
+        evaluation.EvalOptions(batch_size=4, max_new_tokens=2, protocols=("rank",)),
+    )
     metrics = hook(planted_params, 10, CONFIG, mesh, rules)
-    assert metrics == {"fixture_planted/rank/accuracy": 100.0,
-                       "fixture_planted/rank/accuracy_norm": 100.0}
+    assert metrics == {
+        "fixture_planted/rank/accuracy": 100.0,
+        "fixture_planted/rank/accuracy_norm": 100.0,
+    }
 
 
 def test_bad_protocol_is_named():
@@ -217,13 +246,20 @@ def test_bad_protocol_is_named():
 def test_report_tables_and_chart_put_published_rows_beside_ours(tmp_path):
     from mtllama_jax import reports
 
-    run = {"tasks": {
-        "zeroshot_rte": {"set": "rte", "examples": 4,
-                         "generate": {"accuracy_original": 75.0, "accuracy_strict": 50.0},
-                         "rank": {"accuracy": 100.0, "accuracy_norm": 75.0}},
-        "zeroshot_squad": {"set": "squad", "examples": 2, "generate": {"f1": 62.5, "em": 50.0}},
-        "synthetic_topic": {"set": None, "examples": 3, "rank": {"accuracy": 33.3}},
-    }, "skipped": {"zeroshot_wic": "FileNotFoundError: wic/val.jsonl"}, "t0_median": {}}
+    run = {
+        "tasks": {
+            "zeroshot_rte": {
+                "set": "rte",
+                "examples": 4,
+                "generate": {"accuracy_original": 75.0, "accuracy_strict": 50.0},
+                "rank": {"accuracy": 100.0, "accuracy_norm": 75.0},
+            },
+            "zeroshot_squad": {"set": "squad", "examples": 2, "generate": {"f1": 62.5, "em": 50.0}},
+            "synthetic_topic": {"set": None, "examples": 3, "rank": {"accuracy": 33.3}},
+        },
+        "skipped": {"zeroshot_wic": "FileNotFoundError: wic/val.jsonl"},
+        "t0_median": {},
+    }
     table = reports.markdown_report({"before": run})
     assert "| MT-LLaMA-7b (published) | 42.3 / 31.1 |" in table
     assert "| before (generate, original matcher) | – | – | – | 62.5 / 50.0 | – | – |" in table
@@ -257,15 +293,27 @@ def test_qa_scoring_follows_the_sets_official_script(output, gold, squad_f1_em, 
 
 def test_mlqa_en_is_scored_by_mlqas_rules_and_squad_by_squads(vocab, planted_params, decoder):
     prompt = [1] + list(vocab.encode("question river"))
-    text = decoder.generate(planted_params, [prompt], max_new_tokens=4, stop_strings=["\n"],
-                            detokenize=vocab.decode)[0].text.strip()
-    example = {"inputs": "question river", "targets": "", "answer_choices": [],
-               "answers": [f"“{text}”"], "label": -1, "example_id": "q0"}
+    text = decoder.generate(
+        planted_params, [prompt], max_new_tokens=4, stop_strings=["\n"], detokenize=vocab.decode
+    )[0].text.strip()
+    example = {
+        "inputs": "question river",
+        "targets": "",
+        "answer_choices": [],
+        "answers": [f"“{text}”"],
+        "label": -1,
+        "example_id": "q0",
+    }
     for name in ("zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"):
         _register(name, [example], vocab)
     results = evaluation.evaluate(
-        planted_params, CONFIG, vocab, ["zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"],
-        OPTIONS, decoder=decoder)["tasks"]
+        planted_params,
+        CONFIG,
+        vocab,
+        ["zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"],
+        OPTIONS,
+        decoder=decoder,
+    )["tasks"]
     mlqa, squad = results["zeroshot_mlqa_en_fixture"], results["zeroshot_squad_fixture"]
     assert (mlqa["qa_scoring"], squad["qa_scoring"]) == ("mlqa", "squad")
     assert mlqa["generate"] == {"f1": 100.0, "em": 100.0}

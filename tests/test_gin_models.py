@@ -1,8 +1,8 @@
 """Every model preset parses with gin and has the published parameter count."""
 
-import gin
 import pytest
 
+import gin
 from mtllama_jax import launch
 from mtllama_jax.gin_configurables import GIN_DIR, model_config_from_gin
 

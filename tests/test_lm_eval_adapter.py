@@ -47,41 +47,73 @@ def build_folders(root):
     """(checkpoint folder, its jax-to-hf export, the data folder with the tasks' JSONL)."""
     rng = np.random.default_rng(0)
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sentence(rng, 9) + rng.choice([".", "?", ","])
-                                for _ in range(400)))
+    corpus.write_text("\n".join(sentence(rng, 9) + rng.choice([".", "?", ","]) for _ in range(400)))
     # As LLaMA's tokenizer.model: identity normalisation, spaces kept, byte fallback.
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(root / "tokenizer"), vocab_size=320,
-        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+        input=str(corpus),
+        model_prefix=str(root / "tokenizer"),
+        vocab_size=320,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=WINDOW,
-        bos_token_id=1, eos_token_id=2))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=WINDOW,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
     with torch.no_grad():  # wide weights: peaked logits, so greedy choices are not near-ties
         for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
-                    else 0.25 * torch.randn_like(p))
+            p.copy_(
+                1.0 + 0.2 * torch.randn_like(p)
+                if name.endswith("norm.weight")
+                else 0.25 * torch.randn_like(p)
+            )
         # Byte pieces (ids 3-258) never win: greedy text stays valid UTF-8, where
         # SentencePiece and HF's ByteFallback decoder render bad byte runs differently.
         model.lm_head.weight[3:259] = 0.0
     hf = root / "hf"
     model.save_pretrained(hf)
     (hf / "tokenizer.model").write_bytes((root / "tokenizer.model").read_bytes())
-    (hf / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    (hf / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}))
+    (hf / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+    (hf / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+        )
+    )
     cli.main(["hf-to-jax", "--hf", str(hf), "--out", str(root / "ckpt")])
     cli.main(["jax-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "export")])
 
     data = root / "data"
     data.mkdir()
-    mc = [{"question": sentence(rng, 6) + "?", "choices": [sentence(rng, k) for k in (1, 2, 3)],
-           "label": int(rng.integers(3))} for _ in range(6)]
-    mc.append({"question": sentence(rng, 90) + "?", "choices": ["cat", "dogs ran", "home"],
-               "label": 1})  # far longer than the window
+    mc = [
+        {
+            "question": sentence(rng, 6) + "?",
+            "choices": [sentence(rng, k) for k in (1, 2, 3)],
+            "label": int(rng.integers(3)),
+        }
+        for _ in range(6)
+    ]
+    mc.append(
+        {"question": sentence(rng, 90) + "?", "choices": ["cat", "dogs ran", "home"], "label": 1}
+    )  # far longer than the window
     gen = [{"prompt": sentence(rng, 5), "answer": "cat"} for _ in range(5)]
     gen.append({"prompt": sentence(rng, 80), "answer": "mat"})  # longer than 64 - 12
     rolling = [{"text": sentence(rng, n) + "."} for n in (4, 20, 150)]  # 150: several windows
@@ -113,8 +145,13 @@ def evaluate(lm, data, tasks):
     cwd = os.getcwd()
     os.chdir(data)  # the fixtures' data_files are relative
     try:
-        return simple_evaluate(model=lm, tasks=tasks, bootstrap_iters=0, log_samples=True,
-                               task_manager=TaskManager(include_path=FIXTURES))
+        return simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            bootstrap_iters=0,
+            log_samples=True,
+            task_manager=TaskManager(include_path=FIXTURES),
+        )
     finally:
         os.chdir(cwd)
 
@@ -126,8 +163,10 @@ def by_doc(samples):
 def test_local_tasks_equal_lm_evals_hf_model(folders, ours, theirs):
     tasks = ["fixture_mc", "fixture_gen", "fixture_rolling"]
     a, b = evaluate(ours, folders[2], tasks), evaluate(theirs, folders[2], tasks)
-    longest = max(len(ours.tok_encode(json.loads(line)["question"]))
-                  for line in open(os.path.join(folders[2], "mc.jsonl")))
+    longest = max(
+        len(ours.tok_encode(json.loads(line)["question"]))
+        for line in open(os.path.join(folders[2], "mc.jsonl"))
+    )
     assert longest > WINDOW + 1  # requests longer than the window are compared too
     for task in tasks:
         ra, rb = by_doc(a["samples"][task]), by_doc(b["samples"][task])
@@ -169,12 +208,13 @@ def test_empty_continuations_and_contexts(ours, theirs):
 
 def test_stop_strings_that_span_token_boundaries(ours, theirs):
     prompt = "the cat sat on a mat while"
-    free = ours.decoder.generate(ours.params, [ours.tok_encode(prompt)], max_new_tokens=16,
-                                 detokenize=ours.tok_decode)[0]
+    free = ours.decoder.generate(
+        ours.params, [ours.tok_encode(prompt)], max_new_tokens=16, detokenize=ours.tok_decode
+    )[0]
     text = free.text
     for k in range(2, len(free.tokens)):  # a stop string made of two tokens' ends
         cut = len(ours.tok_decode(free.tokens[:k]))
-        stop = text[cut - 1:cut + 1]
+        stop = text[cut - 1 : cut + 1]
         if 0 < cut < len(text) and stop.strip() and text.find(stop) == cut - 1:
             break
     else:
@@ -182,27 +222,36 @@ def test_stop_strings_that_span_token_boundaries(ours, theirs):
     kwargs = {"until": [stop], "max_gen_toks": 16, "do_sample": False}
     got = ours.generate_until([request("generate_until", prompt, kwargs)])
     want = theirs.generate_until([request("generate_until", prompt, kwargs)])
-    assert got == want == [text[:cut - 1]]
+    assert got == want == [text[: cut - 1]]
 
 
 def test_bad_model_args_name_the_fix(folders, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['pretrained'\].*valid keys:\n"
-                                         r"  checkpoint: "):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown key\(s\) \['pretrained'\].*valid keys:\n"
+        r"  checkpoint: ",
+    ):
         MtllamaLM(checkpoint=folders[0], pretrained="x")
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(FileNotFoundError, match=r"does not hold a model: expected a training "
-                                                r"MODEL_DIR.*notes.txt"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"does not hold a model: expected a training "
+        r"MODEL_DIR.*notes.txt",
+    ):
         MtllamaLM(checkpoint=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no such folder"):
         MtllamaLM(checkpoint=str(tmp_path / "absent"))
 
 
 def test_a_hugging_face_folder_opens_converted_in_memory_on_a_mesh(folders, ours):
-    hf = MtllamaLM(checkpoint=folders[1], dtype="float32", batch_size=4, mesh="2x2x2",
-                   rules="fsdp_tp")
+    hf = MtllamaLM(
+        checkpoint=folders[1], dtype="float32", batch_size=4, mesh="2x2x2", rules="fsdp_tp"
+    )
     assert len(hf.decoder.mesh.devices.flat) == 8
-    reqs = [request("loglikelihood", "the cat", " sat on a mat"),
-            request("loglikelihood", "dogs ran", " far away from home")]
+    reqs = [
+        request("loglikelihood", "the cat", " sat on a mat"),
+        request("loglikelihood", "dogs ran", " far away from home"),
+    ]
     for (a, greedy_a), (b, greedy_b) in zip(hf.loglikelihood(reqs), ours.loglikelihood(reqs)):
         assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
 
@@ -211,11 +260,28 @@ def test_cli_runs_lm_evals_flags_and_leaves_out_a_task_missing_offline(folders, 
     out = tmp_path / "results"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     run = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "mtllama-lm-eval"), "--model",
-         "mtllama_jax", "--model_args", f"checkpoint={folders[0]}", "dtype=float32",
-         "--tasks", "fixture_mc,fixture_missing,lamini", "--include_path", FIXTURES,
-         "--batch_size", "4", "--output_path", str(out)],
-        cwd=folders[2], env=env, capture_output=True, text=True, timeout=600)
+        [
+            os.path.join(os.path.dirname(sys.executable), "mtllama-lm-eval"),
+            "--model",
+            "mtllama_jax",
+            "--model_args",
+            f"checkpoint={folders[0]}",
+            "dtype=float32",
+            "--tasks",
+            "fixture_mc,fixture_missing,lamini",
+            "--include_path",
+            FIXTURES,
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(out),
+        ],
+        cwd=folders[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "task fixture_missing left out, its dataset is not available offline" in run.stderr
     assert "absent.jsonl" in run.stderr and "export HF_HOME=" in run.stderr
@@ -236,7 +302,12 @@ def test_lamini_group_lists_15_tasks_with_lamini_metrics():
     metrics = group["metadata"]["lamini_metric"]
     assert list(metrics) == group["task"]
     assert sorted(k for k, v in metrics.items() if v == "acc_norm") == [
-        "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq"]
+        "arc_challenge",
+        "hellaswag",
+        "openbookqa",
+        "piqa",
+        "sciq",
+    ]
     assert metrics["lamini_record"] == "f1"
 
 
@@ -244,11 +315,16 @@ def test_record_scores_the_likeliest_entity_by_squad_f1():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "record", os.path.join(lm_eval_cli.project_tasks(), "record.py"))
+        "record", os.path.join(lm_eval_cli.project_tasks(), "record.py")
+    )
     record = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(record)
-    doc = {"passage": "Rain fell.\n@highlight\nDogs ran", "query": "@placeholder ran home",
-           "entities": ["The Dogs", "cats"], "answers": ["dogs", "the big dogs"]}
+    doc = {
+        "passage": "Rain fell.\n@highlight\nDogs ran",
+        "query": "@placeholder ran home",
+        "entities": ["The Dogs", "cats"],
+        "answers": ["dogs", "the big dogs"],
+    }
     assert record.doc_to_text(doc) == "Rain fell.\n\n  - Dogs ran.\n"
     assert record.doc_to_choice(doc) == ["  - The Dogs ran home", "  - cats ran home"]
     assert record.process_results(doc, [(-1.0, False), (-2.0, False)]) == {"f1": 1.0, "em": 1.0}

@@ -14,7 +14,6 @@ import sys
 
 import jax
 import numpy as np
-
 from test_train_resume import run_tiny
 
 STEPS = 3
@@ -32,13 +31,22 @@ def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
 
     two_dir, one_dir = str(tmp_path / "two"), str(tmp_path / "one")
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
-                                           os.path.dirname(os.path.dirname(__file__))]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
+        ),
+    )
     workers = [
-        subprocess.Popen([sys.executable, __file__, two_dir, str(port), str(i)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, __file__, two_dir, str(port), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
@@ -53,10 +61,11 @@ def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
 
     two, one = losses(two_dir), losses(one_dir)
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=2e-6)
+    np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=2e-6)
 
     step_fn = trainer.Trainer(
-        LlamaConfig.tiny(), partitioning.make_mesh(2, 2, 2),
+        LlamaConfig.tiny(),
+        partitioning.make_mesh(2, 2, 2),
         partitioning.logical_axis_rules("fsdp_tp"),
         optim.make_optimizer(optim.learning_rate_schedule(3e-3, 7, "cosine", 2), 0.1),
     )
@@ -68,15 +77,20 @@ def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
     # Reductions run in another order across two processes; Adam turns tiny gradient
     # differences of rarely seen embedding rows into differences well below one update
     # (peak lr 3e-3), so params agree to a fraction of a step.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                         rtol=1e-5, atol=2e-4),
-                 restored, reference)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-4),
+        restored,
+        reference,
+    )
 
 
 if __name__ == "__main__":
     model_dir, port, process_id = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    print(f"process {jax.process_index()} of {jax.process_count()} with "
-          f"{jax.local_device_count()} local devices", flush=True)
+    print(
+        f"process {jax.process_index()} of {jax.process_count()} with "
+        f"{jax.local_device_count()} local devices",
+        flush=True,
+    )
     run_tiny(model_dir, num_steps=STEPS)

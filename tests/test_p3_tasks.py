@@ -1,4 +1,5 @@
 """P3 tasks over fixture folders in both published layouts, and the t0_train mixture."""
+
 import json
 import os
 import re
@@ -20,33 +21,47 @@ TFRECORD_TASK = "glue_mrpc_paraphrase"
 
 
 def rows(n, prefix):
-    return [{"inputs_pretokenized": f"{prefix} question {i} because the premise ",
-             "targets_pretokenized": " yes" if i % 2 else "no maybe answer",
-             "answer_choices": ["no", "yes"]} for i in range(n)]
+    return [
+        {
+            "inputs_pretokenized": f"{prefix} question {i} because the premise ",
+            "targets_pretokenized": " yes" if i % 2 else "no maybe answer",
+            "answer_choices": ["no", "yes"],
+        }
+        for i in range(n)
+    ]
 
 
 def write_parquet(folder, split, records, shards=1):
     os.makedirs(folder, exist_ok=True)
     for s in range(shards):
         part = records[s::shards]
-        pq.write_table(pa.Table.from_pylist(part),
-                       os.path.join(folder, f"{split}-{s:05d}-of-{shards:05d}.parquet"))
+        pq.write_table(
+            pa.Table.from_pylist(part),
+            os.path.join(folder, f"{split}-{s:05d}-of-{shards:05d}.parquet"),
+        )
 
 
 def write_tfrecord(folder, split, records):
     os.makedirs(folder, exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(folder, f"{split}.tfrecord-00000-of-00001")) as w:
         for r in records:
-            feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[r[k].encode()]))
-                       for k in ("inputs_pretokenized", "targets_pretokenized")}
+            feature = {
+                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[r[k].encode()]))
+                for k in ("inputs_pretokenized", "targets_pretokenized")
+            }
             feature["inputs"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[5, 6]))
-            w.write(tf.train.Example(features=tf.train.Features(feature=feature))
-                    .SerializeToString())
-    info = {"features": {
-        "inputs": {"dtype": "int32", "shape": [None]},
-        "inputs_pretokenized": {"dtype": "string", "shape": []},
-        "targets_pretokenized": {"dtype": "string", "shape": []}},
-        "num_shards": 1, "seqio_version": "0.0.6"}
+            w.write(
+                tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+            )
+    info = {
+        "features": {
+            "inputs": {"dtype": "int32", "shape": [None]},
+            "inputs_pretokenized": {"dtype": "string", "shape": []},
+            "targets_pretokenized": {"dtype": "string", "shape": []},
+        },
+        "num_shards": 1,
+        "seqio_version": "0.0.6",
+    }
     with open(os.path.join(folder, f"info.{split}.json"), "w") as f:
         json.dump(info, f)
 
@@ -84,8 +99,12 @@ def decode_segments(batch, vocabulary, r=0):
         w = batch["loss_weights"][r][m]
         assert batch["positions"][r][m].tolist() == list(range(m.sum()))
         assert tokens[0] == vocabulary.bos_id and targets[-1] == vocabulary.eos_id
-        out.append((vocabulary.decode(targets[w == 0].tolist()),
-                    vocabulary.decode(targets[w == 1].tolist())))
+        out.append(
+            (
+                vocabulary.decode(targets[w == 0].tolist()),
+                vocabulary.decode(targets[w == 1].tolist()),
+            )
+        )
     return out
 
 
@@ -103,8 +122,9 @@ def test_both_layouts_read_wrap_and_pack(p3_dir, task, prefix):
 
 
 def test_empty_target_counted_and_dropped(p3_dir):
-    it = data.batches(PARQUET_TASK, split="train", sequence_length=512, batch_size=4, seed=0,
-                      num_epochs=1)
+    it = data.batches(
+        PARQUET_TASK, split="train", sequence_length=512, batch_size=4, seed=0, num_epochs=1
+    )
     segments = sum(int(b["segment_ids"].max(axis=1).sum()) for b in it)
     assert it.stats.dropped_empty_target == 1 and it.stats.examples == 40
     assert segments == 39 and "1 with an empty target" in it.stats.report()
@@ -112,35 +132,62 @@ def test_empty_target_counted_and_dropped(p3_dir):
 
 def test_resume_and_host_shards(p3_dir):
     def take(n, **kw):
-        it = data.batches(PARQUET_TASK, split="train", sequence_length=128, batch_size=2,
-                          seed=5, buffer_size=16, **kw)
+        it = data.batches(
+            PARQUET_TASK,
+            split="train",
+            sequence_length=128,
+            batch_size=2,
+            seed=5,
+            buffer_size=16,
+            **kw,
+        )
         return [next(it) for _ in range(n)]
 
     full, resumed = take(5), take(2, start_step=3)
     for a, b in zip(full[3:], resumed):
         for k in data.FEATURES:
             np.testing.assert_array_equal(a[k], b[k])
-    assert not np.array_equal(take(1, )[0]["input_tokens"],
-                              data.batches(PARQUET_TASK, split="train", sequence_length=128,
-                                           batch_size=2, seed=6)
-                              .__next__()["input_tokens"])
-    host = [data.batches(PARQUET_TASK, split="train", sequence_length=512, batch_size=1,
-                         seed=0, shard_index=i, num_shards=2, num_epochs=1) for i in (0, 1)]
-    prompts = [{p for b in h for p, _ in decode_segments(b, vocab.configured_vocabulary())}
-               for h in host]
+    assert not np.array_equal(
+        take(
+            1,
+        )[0]["input_tokens"],
+        data.batches(
+            PARQUET_TASK, split="train", sequence_length=128, batch_size=2, seed=6
+        ).__next__()["input_tokens"],
+    )
+    host = [
+        data.batches(
+            PARQUET_TASK,
+            split="train",
+            sequence_length=512,
+            batch_size=1,
+            seed=0,
+            shard_index=i,
+            num_shards=2,
+            num_epochs=1,
+        )
+        for i in (0, 1)
+    ]
+    prompts = [
+        {p for b in h for p, _ in decode_segments(b, vocab.configured_vocabulary())} for h in host
+    ]
     assert prompts[0] and prompts[1] and not prompts[0] & prompts[1]
     assert len(prompts[0] | prompts[1]) == 39
 
 
 def test_validation_split_and_fixture_mixture(p3_dir):
-    name = mixing.register_mixture("p3_fixture_mix", [PARQUET_TASK, TFRECORD_TASK],
-                                   rate=mixing.equal)
+    name = mixing.register_mixture(
+        "p3_fixture_mix", [PARQUET_TASK, TFRECORD_TASK], rate=mixing.equal
+    )
     batch = next(data.batches(name, split="train", sequence_length=1024, batch_size=1, seed=0))
     prompts = [p for p, _ in decode_segments(batch, vocab.configured_vocabulary())]
     assert any("mrpc" in p for p in prompts) and any("para" in p for p in prompts)
     # only the parquet task has a validation split; the mixture skips the other
-    val = list(data.batches(name, split="validation", sequence_length=1024, batch_size=1,
-                            seed=0, num_epochs=1))
+    val = list(
+        data.batches(
+            name, split="validation", sequence_length=1024, batch_size=1, seed=0, num_epochs=1
+        )
+    )
     assert len(val) == 1 and val[0]["segment_ids"].max() == 6
 
 

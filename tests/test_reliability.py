@@ -20,11 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from mtllama_jax import checkpoint_folder, checkpoints, exits, metrics, optim, partitioning, train
-from mtllama_jax import run_lock, train_state
-from mtllama_jax.config import LlamaConfig
 from test_train_resume import _worker_env, synthetic_batches
+
+from mtllama_jax import (
+    checkpoint_folder,
+    checkpoints,
+    exits,
+    metrics,
+    optim,
+    partitioning,
+    run_lock,
+    train,
+    train_state,
+)
+from mtllama_jax.config import LlamaConfig
 
 CONFIG = LlamaConfig.tiny(num_layers=1)
 ROWS, LENGTH = 2, 16
@@ -36,10 +45,16 @@ def run_small(model_dir, batches=None, num_steps=3, **kw):
     schedule = optim.learning_rate_schedule(1e-3, num_steps, "constant")
     kw.setdefault("checkpoint_every_steps", 1)
     return train.run(
-        CONFIG, (mesh, partitioning.logical_axis_rules("data")),
-        (optim.make_optimizer(schedule), schedule), str(model_dir), num_steps,
+        CONFIG,
+        (mesh, partitioning.logical_axis_rules("data")),
+        (optim.make_optimizer(schedule), schedule),
+        str(model_dir),
+        num_steps,
         batches or synthetic_batches(seed=0, rows=ROWS, length=LENGTH, vocab=CONFIG.vocab_size),
-        log_every_steps=1, progress=False, **kw)
+        log_every_steps=1,
+        progress=False,
+        **kw,
+    )
 
 
 # ---- 1. signals ---------------------------------------------------------------------------
@@ -75,8 +90,13 @@ def test_a_second_signal_ends_the_process(tmp_path):
             time.sleep(30)
         print("survived")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env=_worker_env(), timeout=120,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_worker_env(),
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
     assert "survived" not in proc.stdout
     assert "a second signal ends the process" in proc.stderr
@@ -97,11 +117,14 @@ def _flip_a_byte(folder):
 
 
 def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_them(
-        tmp_path, capsys):
+    tmp_path, capsys
+):
     trainer_ = train.trainer.Trainer(
-        CONFIG, partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+        CONFIG,
+        partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
         partitioning.logical_axis_rules("data"),
-        optim.make_optimizer(optim.learning_rate_schedule(1e-3, 2, "constant")))
+        optim.make_optimizer(optim.learning_rate_schedule(1e-3, 2, "constant")),
+    )
     state = trainer_.init_state(jax.random.key(0))
     ckpt = checkpoints.TrainCheckpoints(str(tmp_path), async_save=False)
     for step in (1, 2):
@@ -118,7 +141,9 @@ def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_t
     assert "checkpoint step 3 is damaged" in err and "hold NaN or Inf" in err
     assert "checkpoint step 2 is damaged" in err and "differ" in err
     assert sorted(n.split(".")[0] for n in os.listdir(tmp_path / "corrupt_checkpoints")) == [
-        "2", "3"]
+        "2",
+        "3",
+    ]
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [2]
 
     # No intact step left: refused, naming each. Step 1 has no manifest (as when killed
@@ -136,10 +161,8 @@ def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_t
 
 
 def test_rotation_keeps_the_newest_step_whose_loss_was_finite(tmp_path):
-    state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3),
-                               jax.random.key(0))
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=1, keep=1,
-                                        async_save=False)
+    state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3), jax.random.key(0))
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=1, keep=1, async_save=False)
     for step, nonfinite in ((1, 0), (2, 0), (3, 1), (4, 1)):
         ckpt.maybe_save(step, state, nonfinite=jnp.int32(nonfinite))
     ckpt.close()
@@ -174,8 +197,9 @@ def test_too_many_skipped_steps_stop_the_run_and_are_counted(tmp_path, capsys):
                 batch = dict(batch, loss_weights=batch["loss_weights"] * np.nan)
             yield batch
 
-    state, reason = run_small(tmp_path, diverging, num_steps=20, checkpoint_every_steps=100,
-                              max_consecutive_skips=3)
+    state, reason = run_small(
+        tmp_path, diverging, num_steps=20, checkpoint_every_steps=100, max_consecutive_skips=3
+    )
     assert reason == "nonfinite"
     assert int(state.skipped) >= 3 and int(state.step) < 20
     err = capsys.readouterr().err
@@ -192,10 +216,18 @@ def test_too_many_skipped_steps_stop_the_run_and_are_counted(tmp_path, capsys):
 
 def test_a_second_run_on_a_locked_model_dir_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from mtllama_jax import run_lock\n"
-         f"with run_lock.ModelDirLock({str(tmp_path)!r}):\n"
-         "    print('locked', flush=True); sys.stdin.readline()"],
-        env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mtllama_jax import run_lock\n"
+            f"with run_lock.ModelDirLock({str(tmp_path)!r}):\n"
+            "    print('locked', flush=True); sys.stdin.readline()",
+        ],
+        env=_worker_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     deadline = threading.Timer(120, holder.kill)  # bounds the readline below
     deadline.start()
     try:
@@ -233,8 +265,10 @@ def test_the_object_store_lock_refuses_a_live_holder_and_takes_over_a_stale_one(
 
 def test_a_bf16_init_checkpoint_trains_with_the_configs_float32_master_weights(tmp_path):
     rng = np.random.default_rng(0)
-    bf16 = jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(jnp.bfloat16),
-                        nn.unbox(partitioning.abstract_params(CONFIG)))
+    bf16 = jax.tree.map(
+        lambda a: rng.normal(0, 0.02, a.shape).astype(jnp.bfloat16),
+        nn.unbox(partitioning.abstract_params(CONFIG)),
+    )
     checkpoint_folder.save_params(tmp_path / "init", bf16, CONFIG.replace(param_dtype="bfloat16"))
     state, _ = run_small(tmp_path / "run", num_steps=1, init_checkpoint=str(tmp_path / "init"))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
@@ -248,8 +282,9 @@ def test_a_full_disk_during_a_checkpoint_save_ends_in_one_message(tmp_path, caps
         pytest.skip("cannot mount a tmpfs here")
     w = jax.random.normal(jax.random.key(0), (300_000,))  # random: OCDBT cannot compress it
     state = train_state.create({"w": w}, optim.make_optimizer(1e-3), jax.random.key(0))
-    state = state.replace(opt_state=jax.tree.map(lambda x: x + w if x.shape == w.shape else x,
-                                                 state.opt_state))  # 3.6 MB in all
+    state = state.replace(
+        opt_state=jax.tree.map(lambda x: x + w if x.shape == w.shape else x, state.opt_state)
+    )  # 3.6 MB in all
 
     def save():
         ckpt = checkpoints.TrainCheckpoints(str(small / "run"))
@@ -271,8 +306,9 @@ def test_a_full_disk_during_a_checkpoint_save_ends_in_one_message(tmp_path, caps
 
 def test_an_init_checkpoint_of_another_model_names_init_checkpoint_and_its_fix(tmp_path):
     other = CONFIG.replace(hidden_size=32, head_dim=8)
-    zeros = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
-                         nn.unbox(partitioning.abstract_params(other)))
+    zeros = jax.tree.map(
+        lambda a: np.zeros(a.shape, np.float32), nn.unbox(partitioning.abstract_params(other))
+    )
     checkpoint_folder.save_params(tmp_path / "init", zeros, other)
     with pytest.raises(ValueError) as err:
         run_small(tmp_path / "run", num_steps=1, init_checkpoint=str(tmp_path / "init"))

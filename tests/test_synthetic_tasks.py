@@ -1,4 +1,5 @@
 """The synthetic tasks of the embedded default: contract, held-out splits, determinism."""
+
 import random
 import re
 import subprocess
@@ -38,18 +39,25 @@ def test_held_out_templates_and_clusters_never_reach_training():
     clusters = {t.name for t in seqio.get_mixture_or_task("synthetic_heldout_clusters").tasks}
     assert not train & templates and not train & clusters
     assert {n.split("_t")[0] for n in clusters} == {
-        f"synthetic_{c}" for c in synthetic.HELD_OUT_CLUSTERS}
+        f"synthetic_{c}" for c in synthetic.HELD_OUT_CLUSTERS
+    }
     assert len(templates) == len(synthetic.TRAINING_CLUSTERS)
     # No held-out prompt text occurs among the training prompts.
-    seen = {e.prompt for name in train for e in synthetic.generate(
-        *_cluster_template(name), "train", 200)}
-    held = {e.prompt for name in templates | clusters for e in synthetic.generate(
-        *_cluster_template(name), "validation", 200)}
+    seen = {
+        e.prompt
+        for name in train
+        for e in synthetic.generate(*_cluster_template(name), "train", 200)
+    }
+    held = {
+        e.prompt
+        for name in templates | clusters
+        for e in synthetic.generate(*_cluster_template(name), "validation", 200)
+    }
     assert not seen & held
 
 
 def _cluster_template(task_name):
-    cluster, template = task_name[len("synthetic_"):].rsplit("_t", 1)
+    cluster, template = task_name[len("synthetic_") :].rsplit("_t", 1)
     return cluster, int(template)
 
 
@@ -98,12 +106,18 @@ def test_no_held_out_instruction_occurs_in_training_prompts():
     (Three-word runs would flag "this sentence <name>", which completion's "Finish
     this sentence:" shares with topic's "Classify the topic of this sentence:".)
     """
-    train = {t for name in _tasks("synthetic_train")
-             for e in synthetic.generate(*_cluster_template(name), "train", 300)
-             for t in _instruction_runs(e.prompt)}
+    train = {
+        t
+        for name in _tasks("synthetic_train")
+        for e in synthetic.generate(*_cluster_template(name), "train", 300)
+        for t in _instruction_runs(e.prompt)
+    }
     for name in _tasks("synthetic_heldout_clusters"):
-        held = {t for e in synthetic.generate(*_cluster_template(name), "validation", 300)
-                for t in _instruction_runs(e.prompt)}
+        held = {
+            t
+            for e in synthetic.generate(*_cluster_template(name), "validation", 300)
+            for t in _instruction_runs(e.prompt)
+        }
         assert held and not held & train, (name, sorted(held & train)[:5])
 
 
@@ -111,14 +125,19 @@ def _tasks(mixture):
     return [t.name for t in seqio.get_mixture_or_task(mixture).tasks]
 
 
-_STATEMENT = re.compile("|".join(
-    re.escape(form).replace(r"\{n\}", "(?:" + "|".join(synthetic.NAMES) + ")")
-    .replace(r"\{v\}", "(?:" + "|".join(synthetic.VALUES[kind]) + ")")
-    for kind, forms in synthetic.STATEMENTS.items() for form in forms))
+_STATEMENT = re.compile(
+    "|".join(
+        re.escape(form)
+        .replace(r"\{n\}", "(?:" + "|".join(synthetic.NAMES) + ")")
+        .replace(r"\{v\}", "(?:" + "|".join(synthetic.VALUES[kind]) + ")")
+        for kind, forms in synthetic.STATEMENTS.items()
+        for form in forms
+    )
+)
 
 
 def _instruction_runs(prompt):
-    """Runs of four words of a prompt with every statement of a fact cut out (no run spans a cut)."""
+    """Four-word runs of a prompt with every statement of a fact cut out (no run spans a cut)."""
     runs = set()
     for piece in _STATEMENT.split(prompt):
         words = "".join(c if c.isalnum() else " " for c in piece.lower()).split()
@@ -128,7 +147,10 @@ def _instruction_runs(prompt):
 
 def test_committed_sentencepiece_model_is_what_the_script_builds(tmp_path):
     out = tmp_path / "spm.model"
-    subprocess.run([sys.executable, "scripts/train_synthetic_spm.py", "--out", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/train_synthetic_spm.py", "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
     with open(synthetic.SPM_MODEL, "rb") as committed:
         assert out.read_bytes() == committed.read()

@@ -23,26 +23,41 @@ CHOICES = ["yes", "no", "maybe"]
 
 def score_rows(examples):
     """P3's layout: one row per (example, choice); `is_correct` on the gold choice."""
-    return [{"inputs_pretokenized": f"premise {e} question? ", "targets_pretokenized": c,
-             "answer_choices": CHOICES, "idx": [e, k], "is_correct": k == gold, "weight": 1.0}
-            for e, gold in enumerate(examples) for k, c in enumerate(CHOICES)]
+    return [
+        {
+            "inputs_pretokenized": f"premise {e} question? ",
+            "targets_pretokenized": c,
+            "answer_choices": CHOICES,
+            "idx": [e, k],
+            "is_correct": k == gold,
+            "weight": 1.0,
+        }
+        for e, gold in enumerate(examples)
+        for k, c in enumerate(CHOICES)
+    ]
 
 
 def write_tfrecord(folder, split, rows):
     os.makedirs(folder)
     with tf.io.TFRecordWriter(os.path.join(folder, f"{split}.tfrecord-00000-of-00001")) as w:
         for r in rows:
-            f = {"inputs_pretokenized": tf.train.Feature(bytes_list=tf.train.BytesList(
-                     value=[r["inputs_pretokenized"].encode()])),
-                 "answer_choices": tf.train.Feature(bytes_list=tf.train.BytesList(
-                     value=[c.encode() for c in r["answer_choices"]])),
-                 "idx": tf.train.Feature(int64_list=tf.train.Int64List(value=r["idx"])),
-                 "is_correct": tf.train.Feature(int64_list=tf.train.Int64List(
-                     value=[int(r["is_correct"])]))}
+            f = {
+                "inputs_pretokenized": tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[r["inputs_pretokenized"].encode()])
+                ),
+                "answer_choices": tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[c.encode() for c in r["answer_choices"]])
+                ),
+                "idx": tf.train.Feature(int64_list=tf.train.Int64List(value=r["idx"])),
+                "is_correct": tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[int(r["is_correct"])])
+                ),
+            }
             w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
-    info = {"features": {k: {"dtype": "string"} for k in ("inputs_pretokenized",
-                                                           "answer_choices")}
-            | {"idx": {"dtype": "int32"}, "is_correct": {"dtype": "bool"}}}
+    info = {
+        "features": {k: {"dtype": "string"} for k in ("inputs_pretokenized", "answer_choices")}
+        | {"idx": {"dtype": "int32"}, "is_correct": {"dtype": "bool"}}
+    }
     with open(os.path.join(folder, f"info.{split}.json"), "w") as f:
         json.dump(info, f)
 
@@ -51,8 +66,10 @@ def write_tfrecord(folder, split, rows):
 def p3_dir(tmp_path, tmp_path_factory, monkeypatch):
     folder = tmp_path / SUBSET
     folder.mkdir()
-    pq.write_table(pa.Table.from_pylist(score_rows([2, 0, 1])),
-                   str(folder / "validation-00000-of-00001.parquet"))
+    pq.write_table(
+        pa.Table.from_pylist(score_rows([2, 0, 1])),
+        str(folder / "validation-00000-of-00001.parquet"),
+    )
     write_tfrecord(str(tmp_path / WSC), "validation", score_rows([1, 1]))
     monkeypatch.setenv(p3.P3_DIR_ENV, str(tmp_path))
     os.environ[vocab.TOKENIZER_ENV] = session_spm(tmp_path_factory)  # as the data tests
@@ -66,12 +83,19 @@ def test_every_held_out_prompt_is_a_task_of_its_dataset():
     assert len(names) == len(rows) + 2 * anli  # ANLI: one task per round
     datasets = {evaluation.t0_dataset(n) for n in names}
     assert None not in datasets
-    assert {"super_glue_wsc_fixed", "anli_r1", "anli_r3", "hellaswag",
-            "winogrande_winogrande_xl", "story_cloze_2016"} <= datasets
+    assert {
+        "super_glue_wsc_fixed",
+        "anli_r1",
+        "anli_r3",
+        "hellaswag",
+        "winogrande_winogrande_xl",
+        "story_cloze_2016",
+    } <= datasets
 
 
-@pytest.mark.parametrize("subset,labels", [(SUBSET, [2, 0, 1]), (WSC, [1, 1])],
-                         ids=["parquet", "tfrecord"])
+@pytest.mark.parametrize(
+    "subset,labels", [(SUBSET, [2, 0, 1]), (WSC, [1, 1])], ids=["parquet", "tfrecord"]
+)
 def test_choice_rows_group_into_one_example_each(p3_dir, subset, labels):
     examples = evaluation.load_examples(t0_eval.task_name(subset), "validation")
     assert [e["label"] for e in examples] == labels
@@ -100,11 +124,16 @@ def test_t5s_rank_classification_agrees_with_the_grouped_examples(p3_dir):
         inputs_fn=lambda ex: tf.fill(tf.shape(ex["answer_choices"]), ex["inputs"]),
         targets_fn=lambda ex: ex["answer_choices"],
         is_correct_fn=lambda ex: tf.equal(tf.range(tf.size(ex["answer_choices"])), ex["label"]),
-        mode="eval")
-    got = [(r["idx"].tolist(), r["inputs"].decode(), r["targets"].decode(), bool(r["is_correct"]))
-           for r in rows.as_numpy_iterator()]
-    assert got == [(r["idx"], r["inputs_pretokenized"].strip(), r["targets_pretokenized"],
-                    r["is_correct"]) for r in score_rows([2, 0, 1])]
+        mode="eval",
+    )
+    got = [
+        (r["idx"].tolist(), r["inputs"].decode(), r["targets"].decode(), bool(r["is_correct"]))
+        for r in rows.as_numpy_iterator()
+    ]
+    assert got == [
+        (r["idx"], r["inputs_pretokenized"].strip(), r["targets_pretokenized"], r["is_correct"])
+        for r in score_rows([2, 0, 1])
+    ]
 
     examples = list(grouped.as_numpy_iterator())
     rng = np.random.default_rng(0)
@@ -124,8 +153,10 @@ def test_damaged_subsets_are_named(p3_dir, caplog):
     folder = p3_dir / "super_glue_cb_GPT_3_style_score_eval"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), str(folder / "validation-00000-of-00001.parquet"))
-    with pytest.raises(ValueError, match="super_glue_cb_GPT_3_style_score_eval: the choice rows "
-                                         "of example 0 are not together"):
+    with pytest.raises(
+        ValueError,
+        match="super_glue_cb_GPT_3_style_score_eval: the choice rows of example 0 are not together",
+    ):
         evaluation.load_examples(t0_eval.task_name(folder.name), "validation")
     rows = [dict(r, is_correct=False) if r["idx"][0] == 1 else r for r in score_rows([0, 1])]
     pq.write_table(pa.Table.from_pylist(rows), str(folder / "validation-00000-of-00001.parquet"))

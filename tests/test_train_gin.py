@@ -2,9 +2,9 @@
 
 import importlib.util
 
-import gin
 import pytest
 
+import gin
 from mtllama_jax import launch, train
 
 
@@ -16,21 +16,31 @@ def clean_gin():
 
 
 def test_flags_are_t5x_style():
-    args = train.parse_flags(["--gin_file=a.gin", "--gin_file", "b.gin",
-                              "--gin.train.batch_size=8", "--gin.MODEL_DIR='/x=y'",
-                              "--gin_search_paths=/p,/q"])
+    args = train.parse_flags(
+        [
+            "--gin_file=a.gin",
+            "--gin_file",
+            "b.gin",
+            "--gin.train.batch_size=8",
+            "--gin.MODEL_DIR='/x=y'",
+            "--gin_search_paths=/p,/q",
+        ]
+    )
     assert args.gin_file == ["a.gin", "b.gin"]
     assert args.gin_bindings == ["train.batch_size = 8", "MODEL_DIR = '/x=y'"]
     with pytest.raises(SystemExit):
         train.parse_flags(["--steps=3"])
 
 
-@pytest.mark.parametrize("binding,near", [
-    ("train.bach_size = 8", "train.batch_size"),
-    ("trian.num_steps = 8", "train.num_steps"),
-    ("LlamaConfig.hiden_size = 8", "LlamaConfig.hidden_size"),
-    ("mesh.fsdb = 8", "mesh.fsdp"),
-])
+@pytest.mark.parametrize(
+    "binding,near",
+    [
+        ("train.bach_size = 8", "train.batch_size"),
+        ("trian.num_steps = 8", "train.num_steps"),
+        ("LlamaConfig.hiden_size = 8", "LlamaConfig.hidden_size"),
+        ("mesh.fsdb = 8", "mesh.fsdp"),
+    ],
+)
 def test_unknown_binding_lists_near_names(binding, near):
     with pytest.raises(ValueError) as err:
         launch.parse_gin(["runs/finetune.gin"], [binding])
@@ -94,7 +104,8 @@ def test_a_runs_folder_in_the_working_directory_does_not_shadow_gin_files(runs_f
 
 def test_a_gin_file_in_the_working_directory_comes_first(runs_folder_in_cwd):
     (runs_folder_in_cwd / "runs" / "mine.gin").write_text(
-        "include 'runs/finetune.gin'\ntrain.batch_size = 3\n")
+        "include 'runs/finetune.gin'\ntrain.batch_size = 3\n"
+    )
     launch.parse_gin(["runs/mine.gin"], [])
     assert gin.query_parameter("train.batch_size") == 3
     assert gin.query_parameter("%SEQUENCE_LENGTH") == 2048  # from gin/runs/finetune.gin

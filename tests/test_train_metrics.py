@@ -46,5 +46,8 @@ def test_writer_jsonl_tensorboard_and_resume_truncation(tmp_path):
     resumed.write_train(3, {"loss": 0.25})
     resumed.close()
     assert [(r["step"], r["loss"]) for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [
-        (1, 1.0), (2, 0.5), (3, 0.25)]
+        (1, 1.0),
+        (2, 0.5),
+        (3, 0.25),
+    ]
     assert len(metrics.read_jsonl(tmp_path / "metrics.jsonl", "eval")) == 1

@@ -34,13 +34,15 @@ def synthetic_batches(seed: int, rows: int, length: int, vocab: int):
             positions = np.where(segment == 1, index, index - cut[:, None]).astype(np.int32)
             weights = ((positions > 2) & (segment > 0)).astype(np.float32)
             batch = dict(
-                input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:],
-                positions=np.where(segment > 0, positions, 0), segment_ids=segment,
+                input_tokens=tokens[:, :-1],
+                target_tokens=tokens[:, 1:],
+                positions=np.where(segment > 0, positions, 0),
+                segment_ids=segment,
                 loss_weights=weights,
             )
             per = rows // jax.process_count()
             lo = jax.process_index() * per
-            yield {k: v[lo:lo + per] for k, v in batch.items()}
+            yield {k: v[lo : lo + per] for k, v in batch.items()}
 
     return batches
 
@@ -73,16 +75,26 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
 
     kw.setdefault("checkpoint_every_steps", 3)
     return train.run(
-        config, mesh, (tx, schedule), model_dir, kw.pop("num_steps", NUM_STEPS), batches,
-        seed=3, microbatches=2, log_every_steps=1, progress=False, **kw,
+        config,
+        mesh,
+        (tx, schedule),
+        model_dir,
+        kw.pop("num_steps", NUM_STEPS),
+        batches,
+        seed=3,
+        microbatches=2,
+        log_every_steps=1,
+        progress=False,
+        **kw,
     )
 
 
 def _worker_env(extra=None):
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]
-                                        + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(__file__))] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
     env.update(extra or {})
     return env
 
@@ -94,21 +106,33 @@ def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
     reference, reason = run_tiny(reference_dir)
     assert reason == "done"
 
-    killed = subprocess.run([sys.executable, __file__, resumed_dir, str(KILL_AT)],
-                            env=_worker_env(), capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, __file__, resumed_dir, str(KILL_AT)],
+        env=_worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     logged = [r["step"] for r in metrics.read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"))]
     assert logged == list(range(1, KILL_AT + 1)), logged  # killed before step KILL_AT + 1
     saved = checkpoints.TrainCheckpoints(resumed_dir).all_steps()
     assert saved == [3], saved
 
-    resumed = subprocess.run([sys.executable, __file__, resumed_dir, "-1"],
-                             env=_worker_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, __file__, resumed_dir, "-1"],
+        env=_worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     def curve(d):
-        return [(r["step"], r["loss"], r["grad_norm"])
-                for r in metrics.read_jsonl(os.path.join(d, "metrics.jsonl"))]
+        return [
+            (r["step"], r["loss"], r["grad_norm"])
+            for r in metrics.read_jsonl(os.path.join(d, "metrics.jsonl"))
+        ]
 
     assert curve(resumed_dir) == curve(reference_dir)
     assert [s for s, _, _ in curve(reference_dir)] == list(range(1, NUM_STEPS + 1))
@@ -117,7 +141,8 @@ def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
     from mtllama_jax.config import LlamaConfig
 
     step_fn = trainer.Trainer(
-        LlamaConfig.tiny(), partitioning.make_mesh(1, -1, 1),
+        LlamaConfig.tiny(),
+        partitioning.make_mesh(1, -1, 1),
         partitioning.logical_axis_rules("fsdp"),
         optim.make_optimizer(optim.learning_rate_schedule(3e-3, NUM_STEPS, "cosine", 2), 0.1),
     )
@@ -125,8 +150,9 @@ def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
     restored = ckpt.restore(NUM_STEPS, step_fn.abstract_restore_target())
     ckpt.close()
     assert int(restored.step) == NUM_STEPS
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        restored, reference)
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), restored, reference
+    )
     assert all(jax.tree.leaves(same)), same
 
 

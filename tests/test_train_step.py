@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_train_resume import synthetic_batches
 
 from mtllama_jax import losses, optim, partitioning, trainer
 from mtllama_jax.config import LlamaConfig
-from test_train_resume import synthetic_batches
 
 CONFIG = LlamaConfig.tiny()
 
@@ -16,8 +16,12 @@ CONFIG = LlamaConfig.tiny()
 def make_trainer(sizes=(1, 8, 1), rules="fsdp", config=CONFIG, **kw):
     schedule = optim.learning_rate_schedule(1e-2, 10, "linear", warmup_steps=0)
     return trainer.Trainer(
-        config, partitioning.make_mesh(*sizes), partitioning.logical_axis_rules(rules),
-        optim.make_optimizer(schedule, weight_decay=0.1), schedule=schedule, **kw,
+        config,
+        partitioning.make_mesh(*sizes),
+        partitioning.logical_axis_rules(rules),
+        optim.make_optimizer(schedule, weight_decay=0.1),
+        schedule=schedule,
+        **kw,
     )
 
 
@@ -55,8 +59,10 @@ def test_schedules_and_decay_mask():
     assert float(optim.learning_rate_schedule(1.0, 10, "constant", 2)(9)) == 1.0
     with pytest.raises(ValueError, match="optimizer.schedule='step'"):
         optim.learning_rate_schedule(1.0, 10, "step")
-    params = jax.tree.map(lambda _: 0, jax.tree.map(
-        lambda x: x, partitioning.nn.unbox(partitioning.abstract_params(CONFIG))))
+    params = jax.tree.map(
+        lambda _: 0,
+        jax.tree.map(lambda x: x, partitioning.nn.unbox(partitioning.abstract_params(CONFIG))),
+    )
     mask = optim.decay_mask(params)
     assert mask["layers"]["mlp"]["up_proj"]["kernel"] and mask["embed"]["embedding"]
     assert not mask["layers"]["attention_norm"]["scale"] and not mask["final_norm"]["scale"]
@@ -88,8 +94,11 @@ def test_step_is_sharded_and_accumulation_matches_on_another_mesh(fsdp_step):
     assert m2["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-4)
     # Adam's first step is lr * g / |g|: rows with near-zero gradients (embeddings of
     # unseen tokens) may differ by reduction order, but by far less than one update (1e-2).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
-                 jax.device_get(state.params), after.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
+        jax.device_get(state.params),
+        after.params,
+    )
 
 
 def test_batch_not_divisible_by_data_shards_names_the_numbers(fsdp_step):

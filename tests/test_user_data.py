@@ -1,12 +1,13 @@
 """A user's JSON/JSONL instruction data as a task, mixed with P3 from gin."""
+
 import json
 import os
 
-import gin
 import pytest
-from test_p3_tasks import PARQUET_TASK, rows, write_parquet
 from conftest import session_spm
+from test_p3_tasks import PARQUET_TASK, rows, write_parquet
 
+import gin
 import mtllama_jax.tasks  # noqa: F401
 from mtllama_jax import data, formats, vocab
 from mtllama_jax.tasks import mixing, p3, user_data
@@ -30,19 +31,30 @@ def segments(batch):
 
 def test_lamini_jsonl_and_alpaca_json_layouts(tmp_path):
     lamini = tmp_path / "lamini.jsonl"
-    lamini.write_text("\n".join(json.dumps(
-        {"instruction": f"the question {i}", "response": "yes", "instruction_source": "x"})
-        for i in range(5)) + "\n")
+    lamini.write_text(
+        "\n".join(
+            json.dumps(
+                {"instruction": f"the question {i}", "response": "yes", "instruction_source": "x"}
+            )
+            for i in range(5)
+        )
+        + "\n"
+    )
     alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(json.dumps([
-        {"instruction": "the summary", "input": "the article", "output": "no maybe"},
-        {"instruction": "the title", "input": "", "output": ""}]))
+    alpaca.write_text(
+        json.dumps(
+            [
+                {"instruction": "the summary", "input": "the article", "output": "no maybe"},
+                {"instruction": "the title", "input": "", "output": ""},
+            ]
+        )
+    )
     a = user_data.register_user_task("lamini_fixture", train_file=str(lamini))
     b = user_data.register_user_task("alpaca_fixture", train_file=str(alpaca), wrapper="raw")
-    got = segments(next(data.batches(a, sequence_length=512, batch_size=1, seed=0,
-                                     num_epochs=1)))
-    assert sorted(got) == [(formats.wrap_prompt("alpaca", f"the question {i}"), "yes")
-                           for i in range(5)]
+    got = segments(next(data.batches(a, sequence_length=512, batch_size=1, seed=0, num_epochs=1)))
+    assert sorted(got) == [
+        (formats.wrap_prompt("alpaca", f"the question {i}"), "yes") for i in range(5)
+    ]
     it = data.batches(b, sequence_length=512, batch_size=1, seed=0, num_epochs=1)
     assert segments(next(it)) == [("the summary\n\n### Input:\nthe article", "no maybe")]
     assert it.stats.dropped_empty_target == 1
@@ -51,9 +63,13 @@ def test_lamini_jsonl_and_alpaca_json_layouts(tmp_path):
 def test_named_fields(tmp_path):
     path = tmp_path / "custom.jsonl"
     path.write_text(json.dumps({"q": "the premise", "a": "because"}) + "\n")
-    name = user_data.register_user_task("custom_fixture", train_file=str(path),
-                                        instruction_field="q", response_field="a",
-                                        wrapper="mtllama")
+    name = user_data.register_user_task(
+        "custom_fixture",
+        train_file=str(path),
+        instruction_field="q",
+        response_field="a",
+        wrapper="mtllama",
+    )
     batch = next(data.batches(name, sequence_length=256, batch_size=1, seed=0, num_epochs=1))
     assert segments(batch) == [(formats.wrap_prompt("mtllama", "the premise"), "because")]
 
@@ -78,8 +94,9 @@ def test_gin_mixes_user_data_with_p3(tmp_path, monkeypatch):
     write_parquet(str(tmp_path / "p3" / PARQUET_TASK), "train", rows(10, "mrpc"))
     monkeypatch.setenv(p3.P3_DIR_ENV, str(tmp_path / "p3"))
     mine = tmp_path / "mine.jsonl"
-    mine.write_text("\n".join(json.dumps({"instruction": f"mine {i}", "response": "yes"})
-                              for i in range(20)))
+    mine.write_text(
+        "\n".join(json.dumps({"instruction": f"mine {i}", "response": "yes"}) for i in range(20))
+    )
     gin.parse_config(f"""
         register_user_task.name = "gin_user_fixture"
         register_user_task.train_file = "{mine}"

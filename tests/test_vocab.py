@@ -1,13 +1,13 @@
 """LlamaVocabulary on a real SentencePiece model trained here with LLaMA's ids."""
+
 import pickle
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import session_spm, train_llama_spm
 
 from mtllama_jax.vocab import LlamaVocabulary
-
-from conftest import session_spm, train_llama_spm
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def test_tf_tokenisation_in_a_dataset_logs_nothing(spm_file, capfd):
     # for an identity normaliser each time a pipeline builds its tokenizer.
     vocab = LlamaVocabulary(spm_file)
     data = tf.data.Dataset.from_tensor_slices(["yes no", "the premise"]).map(vocab.encode_tf)
-    assert [list(x.numpy()) for x in data] == [list(vocab.encode(t))
-                                               for t in ("yes no", "the premise")]
+    assert [list(x.numpy()) for x in data] == [
+        list(vocab.encode(t)) for t in ("yes no", "the premise")
+    ]
     assert "precompiled_charsmap" not in capfd.readouterr().err

@@ -11,8 +11,16 @@ TensorFlow) on first use, so that the pipeline's workers never import it.
 """
 
 from mtllama_jax.data.packing import (  # noqa: F401
-    FEATURES, NoFittingExamples, PackingStats, best_fit_decreasing, counted, fit_example,
-    pack_rows, rows_to_batch, single_rows)
+    FEATURES,
+    NoFittingExamples,
+    PackingStats,
+    best_fit_decreasing,
+    counted,
+    fit_example,
+    pack_rows,
+    rows_to_batch,
+    single_rows,
+)
 
 _STREAM = ("batches", "examples", "BatchIterator")
 

@@ -21,10 +21,10 @@ import time
 import traceback
 from typing import Sequence
 
-import gin
 import numpy as np
 import seqio
 
+import gin
 from mtllama_jax.data import cache
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,17 @@ def fingerprint(task_name: str, split: str) -> dict:
         v = spec.vocabulary
         path = getattr(v, "sentencepiece_model_file", None)
         vocabularies[feature] = {
-            "class": type(v).__name__, "sha256": _sha256_cached(path) if path else None,
+            "class": type(v).__name__,
+            "sha256": _sha256_cached(path) if path else None,
             "mtllama_quirks": getattr(v, "mtllama_quirks", None),
-            "extra_ids": getattr(v, "extra_ids", None), "add_eos": spec.add_eos,
+            "extra_ids": getattr(v, "extra_ids", None),
+            "add_eos": spec.add_eos,
         }
-    return {"vocabularies": vocabularies, "wrapper": prompt_wrapper(task),
-            "sources": source_files(task, split)}
+    return {
+        "vocabularies": vocabularies,
+        "wrapper": prompt_wrapper(task),
+        "sources": source_files(task, split),
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,8 +80,9 @@ def source_files(task: seqio.Task, split: str) -> list[dict]:
     for shard in task.source.list_shards(split):
         if isinstance(shard, str) and os.path.isfile(shard):
             st = os.stat(shard)
-            out.append({"path": os.path.abspath(shard), "bytes": st.st_size,
-                        "mtime_ns": st.st_mtime_ns})
+            out.append(
+                {"path": os.path.abspath(shard), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            )
     return out
 
 
@@ -94,8 +100,10 @@ def stale_reason(cache_dir: str, task: str, split: str) -> str | None:
 def check_cache(cache_dir: str, name: str, split: str) -> list[tuple[str, float]]:
     """The mixture's (task, rate) when every task is cached and fresh; else a CacheError."""
     if not os.path.isdir(cache_dir):
-        raise cache.CacheError(f"no tokenized cache at {cache_dir}; build it with "
-                               f"{cache.rebuild_command(cache_dir, name, split)}")
+        raise cache.CacheError(
+            f"no tokenized cache at {cache_dir}; build it with "
+            f"{cache.rebuild_command(cache_dir, name, split)}"
+        )
     tasks = mixture_tasks(name)
     problems = {t: r for t, _ in tasks if (r := stale_reason(cache_dir, t, split))}
     if problems:
@@ -103,14 +111,17 @@ def check_cache(cache_dir: str, name: str, split: str) -> list[tuple[str, float]
         stale = {t: r for t, r in problems.items() if t not in missing}
         lines = []
         if missing:
-            lines.append(f"{len(missing)} task(s) of {name!r} are not in the cache: "
-                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            lines.append(
+                f"{len(missing)} task(s) of {name!r} are not in the cache: "
+                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+            )
         lines += [f"{t} was built differently: {r}" for t, r in list(stale.items())[:10]]
         raise cache.CacheError(
             f"tokenized cache {cache_dir} does not match {name!r} ({split}):\n  "
             + "\n  ".join(lines)
             + f"\nRebuild (only these tasks are redone): "
-              f"{cache.rebuild_command(cache_dir, name, split)}")
+            f"{cache.rebuild_command(cache_dir, name, split)}"
+        )
     return tasks
 
 
@@ -118,9 +129,16 @@ def check_cache(cache_dir: str, name: str, split: str) -> list[tuple[str, float]
 
 
 @gin.configurable("cache")
-def job_settings(mixture_or_task_name: str = gin.REQUIRED, out: str = gin.REQUIRED,
-                 split: str = "train", workers: int | None = None, shard_index: int = 0,
-                 num_shards: int = 1, verify: bool = False, progress: bool = True) -> dict:
+def job_settings(
+    mixture_or_task_name: str = gin.REQUIRED,
+    out: str = gin.REQUIRED,
+    split: str = "train",
+    workers: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    verify: bool = False,
+    progress: bool = True,
+) -> dict:
     """The `mtllama-cache` job's settings (gin `cache.*`); evaluating them registers the tasks.
 
     Args:
@@ -134,15 +152,31 @@ def job_settings(mixture_or_task_name: str = gin.REQUIRED, out: str = gin.REQUIR
       verify: afterwards, recompute every cached file's sha256 against its task.json.
       progress: show a progress bar with an ETA.
     """
-    return dict(mixture_or_task_name=mixture_or_task_name, out=out, split=split,
-                workers=workers, shard_index=shard_index, num_shards=num_shards,
-                verify=verify, progress=progress)
+    return dict(
+        mixture_or_task_name=mixture_or_task_name,
+        out=out,
+        split=split,
+        workers=workers,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        verify=verify,
+        progress=progress,
+    )
 
 
-def build(name: str, split: str, out: str, *, gin_files: Sequence[str] = (),
-          gin_bindings: Sequence[str] = (), gin_search_paths: Sequence[str] = (),
-          workers: int | None = None, shard_index: int = 0, num_shards: int = 1,
-          progress: bool = True) -> dict:
+def build(
+    name: str,
+    split: str,
+    out: str,
+    *,
+    gin_files: Sequence[str] = (),
+    gin_bindings: Sequence[str] = (),
+    gin_search_paths: Sequence[str] = (),
+    workers: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    progress: bool = True,
+) -> dict:
     """Caches every task of `name` (this host's share) not already cached and fresh.
 
     Workers re-parse `gin_files` / `gin_bindings` (the job's own), so each task
@@ -155,18 +189,30 @@ def build(name: str, split: str, out: str, *, gin_files: Sequence[str] = (),
     todo = [t for t in mine if stale_reason(out, t, split) is not None]
     log.info("%s: %d of this host's %d tasks to build into %s", name, len(todo), len(mine), out)
     if todo:
-        _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths,
-                     workers or os.cpu_count() or 1, progress)
+        _run_workers(
+            todo,
+            split,
+            out,
+            gin_files,
+            gin_bindings,
+            gin_search_paths,
+            workers or os.cpu_count() or 1,
+            progress,
+        )
     return cache.write_manifest(out, name, split, tasks)
 
 
-def _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths, workers,
-                 progress):
+def _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths, workers, progress):
     from tqdm import tqdm
 
     totals = {t: _expected_examples(t, split) for t in todo}
-    bar = tqdm(total=sum(n or 0 for n in totals.values()) or None, unit="ex",
-               disable=not progress, dynamic_ncols=True, desc="caching")
+    bar = tqdm(
+        total=sum(n or 0 for n in totals.values()) or None,
+        unit="ex",
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="caching",
+    )
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         reports = manager.Queue()
@@ -228,8 +274,9 @@ def _build_task(task_name: str, split: str, out: str) -> tuple[str, int, int]:
     eos = task.output_features["targets"].vocabulary.eos_id
     writer = cache.TaskWriter(out, task_name)
     try:
-        ds = task.get_dataset(sequence_length=None, split=split, use_cached=False,
-                              shuffle=False, num_epochs=1)
+        ds = task.get_dataset(
+            sequence_length=None, split=split, use_cached=False, shuffle=False, num_epochs=1
+        )
         empty, unreported = _empty(), 0
         for ex in ds.as_numpy_iterator():
             writer.add(ex.get("inputs", empty), ex["targets"], eos)
@@ -242,14 +289,18 @@ def _build_task(task_name: str, split: str, out: str) -> tuple[str, int, int]:
     except OSError as e:
         writer.abort()
         if e.errno == errno.ENOSPC:
-            raise OSError(e.errno, f"disk full while caching task {task_name!r} into {out}; "
-                          f"its staging folder was removed, finished tasks are kept. Free "
-                          f"space and rerun mtllama-cache to continue") from None
+            raise OSError(
+                e.errno,
+                f"disk full while caching task {task_name!r} into {out}; "
+                f"its staging folder was removed, finished tasks are kept. Free "
+                f"space and rerun mtllama-cache to continue",
+            ) from None
         raise
     except Exception:  # TF's errors may not pickle: send the text of the traceback
         writer.abort()
-        raise RuntimeError(f"caching task {task_name!r} failed:\n"
-                           f"{traceback.format_exc()}") from None
+        raise RuntimeError(
+            f"caching task {task_name!r} failed:\n{traceback.format_exc()}"
+        ) from None
     except BaseException:
         writer.abort()
         raise

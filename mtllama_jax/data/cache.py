@@ -33,8 +33,11 @@ TASKS = "tasks"
 MANIFEST = "manifest.json"
 TASK_JSON = "task.json"
 LOCK = ".lock"
-FILES = {"tokens": ("tokens.int32", "<i4"), "offsets": ("offsets.int64", "<i8"),
-         "input_lengths": ("input_lengths.int32", "<i4")}  # little-endian on every host
+FILES = {
+    "tokens": ("tokens.int32", "<i4"),
+    "offsets": ("offsets.int64", "<i8"),
+    "input_lengths": ("input_lengths.int32", "<i4"),
+}  # little-endian on every host
 
 
 class CacheError(ValueError):
@@ -42,8 +45,10 @@ class CacheError(ValueError):
 
 
 def rebuild_command(cache_dir: str, name: str, split: str) -> str:
-    return (f"mtllama-cache --mixture_or_task_name={name} --split={split} --out={cache_dir} "
-            f"(with the gin files and bindings of this run)")
+    return (
+        f"mtllama-cache --mixture_or_task_name={name} --split={split} --out={cache_dir} "
+        f"(with the gin files and bindings of this run)"
+    )
 
 
 def task_folder(cache_dir: str, task: str) -> str:
@@ -98,8 +103,11 @@ class TaskWriter:
         if np.any(targets != eos_id):
             n = len(inputs) + len(targets)
             self.min_length = n if self.min_length is None else min(self.min_length, n)
-            self.min_target_length = (len(targets) if self.min_target_length is None
-                                      else min(self.min_target_length, len(targets)))
+            self.min_target_length = (
+                len(targets)
+                if self.min_target_length is None
+                else min(self.min_target_length, len(targets))
+            )
         else:
             self.empty_targets += 1
 
@@ -108,10 +116,11 @@ class TaskWriter:
         self._tokens.flush()
         os.fsync(self._tokens.fileno())
         self._tokens.close()
-        files = {FILES["tokens"][0]: {"bytes": self.tokens * 4,
-                                      "sha256": self._digest.hexdigest()}}
-        arrays = {"offsets": np.array([0, *self._ends], "<i8"),
-                  "input_lengths": np.array(self._input_lengths, "<i4")}
+        files = {FILES["tokens"][0]: {"bytes": self.tokens * 4, "sha256": self._digest.hexdigest()}}
+        arrays = {
+            "offsets": np.array([0, *self._ends], "<i8"),
+            "input_lengths": np.array(self._input_lengths, "<i4"),
+        }
         for key, array in arrays.items():
             name = FILES[key][0]
             path = os.path.join(self.staging, name)
@@ -119,11 +128,20 @@ class TaskWriter:
                 f.write(array.tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-            files[name] = {"bytes": array.nbytes,
-                           "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
-        info = dict(info, format=FORMAT, examples=len(self._ends), tokens=self.tokens,
-                    empty_targets=self.empty_targets, min_length=self.min_length,
-                    min_target_length=self.min_target_length, files=files)
+            files[name] = {
+                "bytes": array.nbytes,
+                "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
+            }
+        info = dict(
+            info,
+            format=FORMAT,
+            examples=len(self._ends),
+            tokens=self.tokens,
+            empty_targets=self.empty_targets,
+            min_length=self.min_length,
+            min_target_length=self.min_target_length,
+            files=files,
+        )
         atomic_write_json(os.path.join(self.staging, TASK_JSON), info)
         old = None
         if os.path.exists(self.final):  # a stale build of this task: swap, then delete
@@ -169,11 +187,15 @@ def read_task_info(cache_dir: str, task: str) -> dict | None:
         with open(path) as f:
             info = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path}: unreadable ({e}); delete {os.path.dirname(path)} and "
-                         f"rerun mtllama-cache to rebuild the task") from None
+        raise CacheError(
+            f"{path}: unreadable ({e}); delete {os.path.dirname(path)} and "
+            f"rerun mtllama-cache to rebuild the task"
+        ) from None
     if info.get("format") != FORMAT:
-        raise CacheError(f"{path}: format {info.get('format')!r}, this version reads {FORMAT!r};"
-                         f" rebuild the cache with mtllama-cache")
+        raise CacheError(
+            f"{path}: format {info.get('format')!r}, this version reads {FORMAT!r};"
+            f" rebuild the cache with mtllama-cache"
+        )
     return info
 
 
@@ -191,9 +213,15 @@ def write_manifest(cache_dir: str, name: str, split: str, tasks) -> dict:
     """Summarises the complete tasks found in the cache (any host may rewrite it)."""
     infos = {t: read_task_info(cache_dir, t) for t in tasks}
     manifest = {
-        "format": FORMAT, "mixture_or_task_name": name, "split": split, "out": cache_dir,
-        "tasks": {t: {k: i[k] for k in ("examples", "tokens", "empty_targets", "fingerprint")}
-                  for t, i in infos.items() if i is not None},
+        "format": FORMAT,
+        "mixture_or_task_name": name,
+        "split": split,
+        "out": cache_dir,
+        "tasks": {
+            t: {k: i[k] for k in ("examples", "tokens", "empty_targets", "fingerprint")}
+            for t, i in infos.items()
+            if i is not None
+        },
         "missing": sorted(t for t, i in infos.items() if i is None),
     }
     atomic_write_json(os.path.join(cache_dir, MANIFEST), manifest)
@@ -213,11 +241,15 @@ class CachedTask:
         self.folder = task_folder(cache_dir, task)
         info = read_task_info(cache_dir, task)
         if info is None:
-            raise CacheError(f"task {task!r} is not in the cache {cache_dir} (no "
-                             f"{os.path.join(self.folder, TASK_JSON)})")
+            raise CacheError(
+                f"task {task!r} is not in the cache {cache_dir} (no "
+                f"{os.path.join(self.folder, TASK_JSON)})"
+            )
         if info.get("split") != split:
-            raise CacheError(f"{self.folder}: cached split {info.get('split')!r}, not {split!r}; "
-                             f"build {split!r} into another folder")
+            raise CacheError(
+                f"{self.folder}: cached split {info.get('split')!r}, not {split!r}; "
+                f"build {split!r} into another folder"
+            )
         self.info = info
         self.examples = int(info["examples"])
         self._arrays = None
@@ -230,23 +262,31 @@ class CachedTask:
             if size != meta["bytes"]:
                 raise CacheError(
                     f"{path}: {size} bytes, task.json says {meta['bytes']}: truncated or "
-                    f"corrupt. Delete {self.folder} and rerun mtllama-cache to rebuild it")
+                    f"corrupt. Delete {self.folder} and rerun mtllama-cache to rebuild it"
+                )
         offsets = self.offsets
-        if (len(offsets) != self.examples + 1 or offsets[0] != 0
-                or offsets[-1] != self.info["tokens"]):
+        if (
+            len(offsets) != self.examples + 1
+            or offsets[0] != 0
+            or offsets[-1] != self.info["tokens"]
+        ):
             raise self._corrupt()
 
     def _corrupt(self) -> CacheError:
-        return CacheError(f"{self.folder}: {FILES['offsets'][0]} or {FILES['input_lengths'][0]} "
-                          f"is corrupt (offsets not increasing from 0 to {self.info['tokens']} "
-                          f"tokens). Delete the folder and rerun mtllama-cache to rebuild it")
+        return CacheError(
+            f"{self.folder}: {FILES['offsets'][0]} or {FILES['input_lengths'][0]} "
+            f"is corrupt (offsets not increasing from 0 to {self.info['tokens']} "
+            f"tokens). Delete the folder and rerun mtllama-cache to rebuild it"
+        )
 
     def _map(self):
         if self._arrays is None:
             self._arrays = {
                 key: np.memmap(os.path.join(self.folder, name), dtype=dtype, mode="r")
-                if self.info["files"][name]["bytes"] else np.zeros(0, dtype)
-                for key, (name, dtype) in FILES.items()}
+                if self.info["files"][name]["bytes"]
+                else np.zeros(0, dtype)
+                for key, (name, dtype) in FILES.items()
+            }
         return self._arrays
 
     @property
@@ -282,12 +322,18 @@ class CachedTask:
         for name, meta in self.info["files"].items():
             path = os.path.join(self.folder, name)
             if sha256_file(path) != meta["sha256"]:
-                raise CacheError(f"{path}: sha256 differs from task.json: corrupt. Delete "
-                                 f"{self.folder} and rerun mtllama-cache to rebuild it")
+                raise CacheError(
+                    f"{path}: sha256 differs from task.json: corrupt. Delete "
+                    f"{self.folder} and rerun mtllama-cache to rebuild it"
+                )
 
     def __getstate__(self):
-        return {"cache_dir": self.cache_dir, "task": self.task, "split": self.split,
-                "info": self.info}
+        return {
+            "cache_dir": self.cache_dir,
+            "task": self.task,
+            "split": self.split,
+            "info": self.info,
+        }
 
     def __setstate__(self, state):
         self.cache_dir, self.task, self.split = state["cache_dir"], state["task"], state["split"]

@@ -25,8 +25,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights",
-            "task_ids")
+FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights", "task_ids")
 # Examples read without a single one fitting before the stream is declared empty.
 NO_ROW_LIMIT = 4096
 
@@ -49,14 +48,22 @@ class PackingStats:
         return self.tokens / max(1, self.rows * self.length)
 
     def report(self) -> str:
-        return (f"{self.examples} examples read, {self.segments} packed into {self.rows} "
-                f"rows ({self.non_padding_fraction:.3f} non-padding); dropped "
-                f"{self.dropped_empty_target} with an empty target, "
-                f"{self.dropped_too_long} too long; {self.truncated} inputs cut from the left")
+        return (
+            f"{self.examples} examples read, {self.segments} packed into {self.rows} "
+            f"rows ({self.non_padding_fraction:.3f} non-padding); dropped "
+            f"{self.dropped_empty_target} with an empty target, "
+            f"{self.dropped_too_long} too long; {self.truncated} inputs cut from the left"
+        )
 
 
-def fit_example(inputs: np.ndarray, targets: np.ndarray, length: int, eos_id: int,
-                stats: PackingStats, truncate: bool = True):
+def fit_example(
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    length: int,
+    eos_id: int,
+    stats: PackingStats,
+    truncate: bool = True,
+):
     """(inputs, targets) that fit `length` positions, or None when dropped (counted).
 
     Over-long examples lose the start of their inputs so the response survives;
@@ -71,8 +78,11 @@ def fit_example(inputs: np.ndarray, targets: np.ndarray, length: int, eos_id: in
     if excess > 0:
         if not truncate or len(targets) > length:
             stats.dropped_too_long += 1
-            _note(stats, f"dropped an example of {len(inputs) + len(targets)} tokens "
-                         f"(sequence_length {length}, truncate={truncate})")
+            _note(
+                stats,
+                f"dropped an example of {len(inputs) + len(targets)} tokens "
+                f"(sequence_length {length}, truncate={truncate})",
+            )
             return None
         stats.truncated += 1
         _note(stats, f"cut {excess} tokens from the left of an example's inputs")
@@ -110,9 +120,17 @@ def best_fit_decreasing(lengths: Iterable[int], capacity: int) -> list[list[int]
     return bins
 
 
-def pack_rows(examples: Iterable[tuple], *, length: int, eos_id: int, stats: PackingStats,
-              buffer_size: int = 1024, truncate: bool = True, seed: int = 0,
-              name: str = "the data") -> Iterator[list]:
+def pack_rows(
+    examples: Iterable[tuple],
+    *,
+    length: int,
+    eos_id: int,
+    stats: PackingStats,
+    buffer_size: int = 1024,
+    truncate: bool = True,
+    seed: int = 0,
+    name: str = "the data",
+) -> Iterator[list]:
     """Rows (lists of (inputs, targets[, task index]) segments) packed buffer by buffer.
 
     Each buffer of `buffer_size` fitting examples is packed with best-fit-
@@ -139,8 +157,9 @@ class NoFittingExamples(ValueError):
     """Every example read so far was dropped: the stream would never yield a row."""
 
 
-def check_some_fit(name: str, stats: PackingStats, truncate: bool,
-                   limit: int = NO_ROW_LIMIT) -> None:
+def check_some_fit(
+    name: str, stats: PackingStats, truncate: bool, limit: int = NO_ROW_LIMIT
+) -> None:
     """Raises once `limit` examples were read and every one was dropped (counted by reason)."""
     if stats.examples < limit:
         return
@@ -179,7 +198,7 @@ def rows_to_batch(rows: list, length: int, bos_id: int) -> dict[str, np.ndarray]
             batch["target_tokens"][r, at:end] = full[1:]
             batch["positions"][r, at:end] = np.arange(n)
             batch["segment_ids"][r, at:end] = s
-            batch["loss_weights"][r, at + n_in:end] = 1.0
+            batch["loss_weights"][r, at + n_in : end] = 1.0
             if task:
                 batch["task_ids"][r, at:end] = task[0]
             at = end

@@ -63,9 +63,16 @@ class PipelineSpec:
 
     def order(self) -> dict:
         """The fields that fix the order of rows (saved and compared on resume)."""
-        return {"split": self.split, "seed": self.seed, "sequence_length": self.sequence_length,
-                "rows": self.rows, "buffer_size": self.buffer_size, "truncate": self.truncate,
-                "num_shards": self.num_shards, "tasks": _digest(self.tasks, self.rates)}
+        return {
+            "split": self.split,
+            "seed": self.seed,
+            "sequence_length": self.sequence_length,
+            "rows": self.rows,
+            "buffer_size": self.buffer_size,
+            "truncate": self.truncate,
+            "num_shards": self.num_shards,
+            "tasks": _digest(self.tasks, self.rates),
+        }
 
 
 def _digest(tasks, rates) -> str:
@@ -135,18 +142,36 @@ class PackBuffer:
     def __call__(self, k: int) -> dict:
         spec = self.spec
         stats = packing.PackingStats(spec.sequence_length)
-        rows = list(packing.counted(packing.pack_rows(
-            self._examples(k), length=spec.sequence_length, eos_id=spec.eos_id, stats=stats,
-            buffer_size=spec.buffer_size, truncate=spec.truncate, seed=spec.seed,
-            name=f"buffer {k}"), stats))
+        rows = list(
+            packing.counted(
+                packing.pack_rows(
+                    self._examples(k),
+                    length=spec.sequence_length,
+                    eos_id=spec.eos_id,
+                    stats=stats,
+                    buffer_size=spec.buffer_size,
+                    truncate=spec.truncate,
+                    seed=spec.seed,
+                    name=f"buffer {k}",
+                ),
+                stats,
+            )
+        )
         out = packing.rows_to_batch(rows, spec.sequence_length, spec.bos_id)
         out["counts"] = np.array([getattr(stats, f) for f in _COUNTS], np.int64)
         out["buffer"] = np.int64(k)
         return out
 
 
-_COUNTS = ("examples", "dropped_empty_target", "truncated", "dropped_too_long", "segments",
-           "rows", "tokens")
+_COUNTS = (
+    "examples",
+    "dropped_empty_target",
+    "truncated",
+    "dropped_too_long",
+    "segments",
+    "rows",
+    "tokens",
+)
 
 
 def check_tasks_fit(spec: PipelineSpec) -> None:
@@ -161,7 +186,8 @@ def check_tasks_fit(spec: PipelineSpec) -> None:
                 f"tokens: {info['empty_targets']} have an empty response, the others are "
                 f"too long (shortest {'response' if spec.truncate else 'example'}: "
                 f"{shortest} tokens, truncate={spec.truncate}). Fix the task's data, raise "
-                f"train.sequence_length, or leave the task out of the mixture")
+                f"train.sequence_length, or leave the task out of the mixture"
+            )
 
 
 class StateSnapshot:
@@ -196,23 +222,36 @@ class CacheBatches:
 
     def get_state(self) -> bytes:
         buffer, row = self._where()
-        return json.dumps({"format": STATE_FORMAT, "step": self.step, "buffer": buffer,
-                           "row": row, "order": self.spec.order()}, indent=1).encode()
+        return json.dumps(
+            {
+                "format": STATE_FORMAT,
+                "step": self.step,
+                "buffer": buffer,
+                "row": row,
+                "order": self.spec.order(),
+            },
+            indent=1,
+        ).encode()
 
     def set_state(self, state: bytes) -> None:
         saved = json.loads(state)
         if saved.get("format") != STATE_FORMAT:
-            raise ValueError(f"data state of format {saved.get('format')!r}; this version "
-                             f"reads {STATE_FORMAT!r}")
+            raise ValueError(
+                f"data state of format {saved.get('format')!r}; this version reads {STATE_FORMAT!r}"
+            )
         mine = self.spec.order()
-        differ = [f"{k}: saved {saved['order'].get(k)!r}, now {mine[k]!r}" for k in mine
-                  if saved["order"].get(k) != mine[k]]
+        differ = [
+            f"{k}: saved {saved['order'].get(k)!r}, now {mine[k]!r}"
+            for k in mine
+            if saved["order"].get(k) != mine[k]
+        ]
         if differ:
             raise ValueError(
                 "the checkpoint's data order was made with other settings, so resuming "
                 "would not continue it: " + "; ".join(differ) + ". Resume with the run's "
                 "original data settings (process count, batch size, length, seed, mixture), "
-                "or start a new MODEL_DIR with this checkpoint's params as INIT_CHECKPOINT")
+                "or start a new MODEL_DIR with this checkpoint's params as INIT_CHECKPOINT"
+            )
         self.close()
         self.step = int(saved["step"])
         self._position = (int(saved["buffer"]), int(saved["row"]))
@@ -237,8 +276,12 @@ class CacheBatches:
 
     def _seek(self, step: int) -> tuple[int, int]:
         """(buffer, row) of `step` by packing every buffer before it: O(step)."""
-        log.warning("no data state for step %d (a checkpoint written before data state was "
-                    "saved): seeking by packing the %d batches before it", step, step)
+        log.warning(
+            "no data state for step %d (a checkpoint written before data state was "
+            "saved): seeking by packing the %d batches before it",
+            step,
+            step,
+        )
         packer, left, buffer = PackBuffer(self.spec), step * self.spec.rows, 0
         while True:
             rows = int(packer(self._global(buffer))["counts"][_COUNTS.index("rows")])
@@ -256,14 +299,19 @@ class CacheBatches:
         buffer, row = self._where()
         spec = self.spec
         check_tasks_fit(spec)
-        ds = (grain.MapDataset.range(self._global(buffer), BUFFERS, spec.num_shards)
-              .map(PackBuffer(spec))
-              .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)))
+        ds = (
+            grain.MapDataset.range(self._global(buffer), BUFFERS, spec.num_shards)
+            .map(PackBuffer(spec))
+            .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        )
         if spec.workers:
             if not flags.FLAGS.is_parsed():  # Grain reads absl flags; this job has none
                 flags.FLAGS.mark_as_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=spec.workers, per_worker_buffer_size=spec.prefetch))
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=spec.workers, per_worker_buffer_size=spec.prefetch
+                )
+            )
         self._iterator = iter(ds)
         self._buffer, self._current, self._row = buffer - 1, None, 0
         self._next_buffer()
@@ -273,14 +321,20 @@ class CacheBatches:
         packed = next(self._iterator)
         self._buffer += 1
         if int(packed["buffer"]) != self._global(self._buffer):
-            raise RuntimeError(f"data pipeline out of order: buffer {int(packed['buffer'])} "
-                               f"where {self._global(self._buffer)} was expected")
+            raise RuntimeError(
+                f"data pipeline out of order: buffer {int(packed['buffer'])} "
+                f"where {self._global(self._buffer)} was expected"
+            )
         counts = dict(zip(_COUNTS, packed.pop("counts").tolist()))
         for name, value in counts.items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
         if counts["rows"] == 0:
-            packing.check_some_fit(f"the cached mixture of {len(self.spec.tasks)} task(s)",
-                                   self.stats, self.spec.truncate, limit=0)
+            packing.check_some_fit(
+                f"the cached mixture of {len(self.spec.tasks)} task(s)",
+                self.stats,
+                self.spec.truncate,
+                limit=0,
+            )
         self._current, self._row = packed, 0
 
     def __iter__(self):
@@ -296,8 +350,9 @@ class CacheBatches:
                 self._next_buffer()
                 continue
             take = min(need, rows - self._row)
-            parts.append({k: self._current[k][self._row:self._row + take]
-                          for k in packing.FEATURES})
+            parts.append(
+                {k: self._current[k][self._row : self._row + take] for k in packing.FEATURES}
+            )
             self._row += take
             need -= take
         self.step += 1

@@ -28,13 +28,25 @@ except RuntimeError:  # TF already initialised its devices; leave them be.
     pass
 
 from mtllama_jax.data.packing import (  # noqa: E402  (after TF's device setup)
-    PackingStats, counted, pack_rows, rows_to_batch, single_rows)
+    PackingStats,
+    counted,
+    pack_rows,
+    rows_to_batch,
+    single_rows,
+)
 
 log = logging.getLogger(__name__)
 
 
-def examples(mixture_or_task_name: str, *, split: str, seed: int, shard_index: int = 0,
-             num_shards: int = 1, num_epochs: int | None = None):
+def examples(
+    mixture_or_task_name: str,
+    *,
+    split: str,
+    seed: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    num_epochs: int | None = None,
+):
     """(inputs, targets) int32 arrays of a task or mixture, this host's shard.
 
     The order is a function of (seed, shard_index, num_shards): seqio shuffles,
@@ -42,9 +54,15 @@ def examples(mixture_or_task_name: str, *, split: str, seed: int, shard_index: i
     example) with that seed. `num_epochs=None` repeats forever.
     """
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    kwargs = dict(sequence_length=None, split=split, use_cached=False, shuffle=True,
-                  seed=seed, shard_info=seqio.ShardInfo(shard_index, num_shards),
-                  num_epochs=num_epochs)
+    kwargs = dict(
+        sequence_length=None,
+        split=split,
+        use_cached=False,
+        shuffle=True,
+        seed=seed,
+        shard_info=seqio.ShardInfo(shard_index, num_shards),
+        num_epochs=num_epochs,
+    )
     if isinstance(provider, seqio.Mixture):
         kwargs["copy_pretokenized"] = False
     return _pairs(provider.get_dataset(**kwargs))  # built now: bad data fails here
@@ -59,8 +77,16 @@ def _pairs(ds: tf.data.Dataset):
 class BatchIterator:
     """Iterator of batch dicts; `.stats` counts what was read, packed, cut, dropped."""
 
-    def __init__(self, rows: Iterator[list], *, batch_size: int, length: int, bos_id: int,
-                 stats: PackingStats, start_step: int):
+    def __init__(
+        self,
+        rows: Iterator[list],
+        *,
+        batch_size: int,
+        length: int,
+        bos_id: int,
+        stats: PackingStats,
+        start_step: int,
+    ):
         self._rows, self._batch, self._length, self._bos = rows, batch_size, length, bos_id
         self.stats = stats
         self.step = start_step
@@ -81,10 +107,21 @@ class BatchIterator:
         return rows_to_batch(rows, self._length, self._bos)
 
 
-def batches(mixture_or_task_name: str, *, split: str = "train", sequence_length: int,
-            batch_size: int, seed: int = 0, start_step: int = 0, shard_index: int = 0,
-            num_shards: int = 1, pack: bool = True, truncate: bool = True,
-            buffer_size: int = 1024, num_epochs: int | None = None) -> BatchIterator:
+def batches(
+    mixture_or_task_name: str,
+    *,
+    split: str = "train",
+    sequence_length: int,
+    batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    pack: bool = True,
+    truncate: bool = True,
+    buffer_size: int = 1024,
+    num_epochs: int | None = None,
+) -> BatchIterator:
     """Packed decoder-only batches of a registered seqio task or mixture, for one host.
 
     Args:
@@ -123,17 +160,38 @@ def batches(mixture_or_task_name: str, *, split: str = "train", sequence_length:
     vocab = provider.output_features["targets"].vocabulary
     bos_id = getattr(vocab, "bos_id", None)
     if bos_id is None:
-        raise ValueError(f"{mixture_or_task_name}: the targets vocabulary {vocab} has no BOS "
-                         f"id; use mtllama_jax.vocab.LlamaVocabulary")
+        raise ValueError(
+            f"{mixture_or_task_name}: the targets vocabulary {vocab} has no BOS "
+            f"id; use mtllama_jax.vocab.LlamaVocabulary"
+        )
     stats = PackingStats(sequence_length)
-    source = examples(mixture_or_task_name, split=split, seed=seed, shard_index=shard_index,
-                      num_shards=num_shards, num_epochs=num_epochs)
+    source = examples(
+        mixture_or_task_name,
+        split=split,
+        seed=seed,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        num_epochs=num_epochs,
+    )
     name = f"{mixture_or_task_name!r} ({split})"
     if pack:
-        rows = pack_rows(source, length=sequence_length, eos_id=vocab.eos_id, stats=stats,
-                         buffer_size=buffer_size, truncate=truncate, seed=seed, name=name)
+        rows = pack_rows(
+            source,
+            length=sequence_length,
+            eos_id=vocab.eos_id,
+            stats=stats,
+            buffer_size=buffer_size,
+            truncate=truncate,
+            seed=seed,
+            name=name,
+        )
     else:
         rows = single_rows(source, sequence_length, vocab.eos_id, stats, truncate, name)
-    return BatchIterator(counted(rows, stats), batch_size=batch_size,
-                         length=sequence_length, bos_id=bos_id, stats=stats,
-                         start_step=start_step)
+    return BatchIterator(
+        counted(rows, stats),
+        batch_size=batch_size,
+        length=sequence_length,
+        bos_id=bos_id,
+        stats=stats,
+        start_step=start_step,
+    )

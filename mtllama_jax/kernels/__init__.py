@@ -1,4 +1,5 @@
 """Flash attention in Pallas (GPU Triton, TPU Mosaic, CPU interpret) and its plain-JAX reference."""
+
 from mtllama_jax.kernels.attention import BlockSizes, flash_attention, pick_backend
 from mtllama_jax.kernels.reference import reference_attention
 

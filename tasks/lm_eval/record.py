@@ -32,10 +32,14 @@ def doc_to_choice(doc):
 
 
 def process_docs(dataset):
-    return dataset.map(lambda doc: {
-        "passage": doc["passage"], "query": doc["query"],
-        "entities": sorted(set(doc["entities"])), "answers": sorted(set(doc["answers"])),
-    })
+    return dataset.map(
+        lambda doc: {
+            "passage": doc["passage"],
+            "query": doc["query"],
+            "entities": sorted(set(doc["entities"])),
+            "answers": sorted(set(doc["answers"])),
+        }
+    )
 
 
 def _normalize(text):
