@@ -19,6 +19,8 @@ $(STAMP): setup.cfg pyproject.toml scripts/check_env.py
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 # The embedded default: train and evaluate a small LLaMA on the synthetic
