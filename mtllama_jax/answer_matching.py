@@ -86,8 +86,8 @@ QA_SCRIPTS = {
     "mlqa": "MLQA's `mlqa_evaluation_v1.py`, lang `en`",
 }
 QA_SETS = tuple(QA_SCORING)
-# Longest names first, so "xquad_en" is not taken for "squad".
-_KNOWN = sorted((*KEYWORD_RULES, *SIMILARITY_SETS, *QA_SETS), key=len, reverse=True)
+# The rules `match_original` knows by name (a task's `TaskInfo.matcher`).
+MATCHERS = (*KEYWORD_RULES, *SIMILARITY_SETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +96,6 @@ class Match:
 
     index: int
     matched: bool
-
-
-def zero_shot_set(task_name: str) -> str | None:
-    """Which of the model card's sets a task evaluates (`zeroshot_rte` -> "rte"), if any."""
-    name = task_name.lower()
-    if not name.startswith("zeroshot_"):
-        return None
-    rest = name[len("zeroshot_") :]
-    for known in _KNOWN:
-        if rest == known or rest.startswith(known + "_"):
-            return known
-    return None
 
 
 def normalize_label(text: str) -> str:
@@ -132,15 +120,18 @@ def quick_ratio_choice(output: str, choices: Sequence[str]) -> int:
     return max(range(len(choices)), key=lambda i: (scores[i], -i))
 
 
-def match_original(output: str, choices: Sequence[str], dataset: str | None = None) -> Match:
-    """The released code's answer for `output` among `choices` (see the module docstring)."""
+def match_original(output: str, choices: Sequence[str], matcher: str | None = None) -> Match:
+    """The released code's answer for `output` among `choices` under the rule `matcher`.
+
+    `matcher`: a name of `MATCHERS` (the model card's sets), None: the choices as keywords.
+    """
     if not choices:
         raise ValueError("match_original needs the example's answer_choices; it has none")
     text = output.strip().lower()
-    if dataset in SIMILARITY_SETS:
+    if matcher in SIMILARITY_SETS:
         return Match(quick_ratio_choice(text, choices), True)
-    if dataset in KEYWORD_RULES:
-        table, fallback = KEYWORD_RULES[dataset]
+    if matcher in KEYWORD_RULES:
+        table, fallback = KEYWORD_RULES[matcher]
         for keyword, answer in table:
             if keyword in text:
                 return Match(_choice_of(answer, choices), True)

@@ -9,10 +9,12 @@
   the prompt; lm-evaluation-harness' `acc_norm` (log-likelihood divided by the
   choice's length in characters) beside it.
 
-T0's held-out prompts are summarised per dataset as the median over prompts, as
-T0 reports them. A task whose data is missing on disk is reported as skipped
-with the reason (or raises with `fail_on_missing`); prompts longer than the
-context are cut from the left and counted per task.
+A task's model-card set, matcher and T0 dataset are what `tasks/` recorded when
+it registered the task (`mtllama_jax.task_metadata`). T0's held-out prompts are
+summarised per dataset as the median over prompts, as T0 reports them. A task
+whose data is missing on disk is reported as skipped with the reason (or raises
+with `fail_on_missing`); prompts longer than the context are cut from the left
+and counted per task.
 
 Examples come from the tasks' features: `inputs` (token ids of the prompt),
 `answer_choices`, `label` (-1: none), `answers` (QA gold spans), `example_id`.
@@ -24,28 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import statistics
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mtllama_jax import answer_matching, decoding
+from mtllama_jax import answer_matching, decoding, task_metadata
 from mtllama_jax.config import LlamaConfig
 
 PROTOCOLS = ("generate", "rank")
-# T0's held-out datasets (`t0_eval_tasks.tsv`), as the prefixes of their task names.
-T0_HELD_OUT = (
-    "super_glue_wsc_fixed",
-    "super_glue_cb",
-    "super_glue_copa",
-    "super_glue_rte",
-    "super_glue_wic",
-    "winogrande_winogrande_xl",
-    "story_cloze_2016",
-    "hellaswag",
-    "anli",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +145,7 @@ def evaluate(
             params,
             vocabulary,
             examples,
-            answer_matching.zero_shot_set(name),
+            task_metadata.task_info(name),
             options,
             progress=f"{name}" if progress else None,
         )
@@ -173,11 +162,16 @@ def evaluate_examples(
     params,
     vocabulary,
     examples: Sequence[Mapping[str, Any]],
-    zero_shot_set: str | None,
+    info: task_metadata.TaskInfo,
     options: EvalOptions,
     progress: str | None = None,
 ) -> dict:
-    """Both protocols on one task's examples (plain dicts of the task's features)."""
+    """Both protocols on one task's examples (plain dicts of the task's features).
+
+    `info`: the task's recorded facts (`task_metadata.task_info`): its set picks the
+    QA scoring, its matcher the released code's rule.
+    """
+    zero_shot_set = info.zero_shot_set
     bos = getattr(vocabulary, "bos_id", None)
     bos = decoder.config.bos_token_id if bos is None else int(bos)
     prompts = []
@@ -203,7 +197,7 @@ def evaluate_examples(
             result["generate"] = qa_scores(outputs, answers, predictions, result["qa_scoring"])
         else:
             result["generate"] = _choice_scores(
-                outputs, choices, labels, has_choices, zero_shot_set, predictions
+                outputs, choices, labels, has_choices, info.matcher, predictions
             )
     if "rank" in options.protocols and not is_qa:
         result["rank"], truncated = _rank(
@@ -250,13 +244,13 @@ def _generate_all(decoder, params, vocabulary, prompts, options, progress):
     return outputs, truncated
 
 
-def _choice_scores(outputs, choices, labels, has_choices, zero_shot_set, predictions):
+def _choice_scores(outputs, choices, labels, has_choices, matcher, predictions):
     original = strict = unmatched = 0
     for i, text in enumerate(outputs):
         predictions[i]["output"] = text
         if not has_choices[i]:
             continue
-        o = answer_matching.match_original(text, choices[i], zero_shot_set)
+        o = answer_matching.match_original(text, choices[i], matcher)
         s = answer_matching.match_strict(text, choices[i])
         predictions[i].update(original=o.index, strict=s.index, label=labels[i])
         original += o.index == labels[i]
@@ -339,23 +333,14 @@ def _rank(decoder, params, vocabulary, prompts, choices, labels, has_choices, op
     )
 
 
-def t0_dataset(task_name: str) -> str | None:
-    """The T0 held-out dataset a task's prompt belongs to (ANLI split by round), if any."""
-    name = re.sub(r"[^a-z0-9]+", "_", task_name.lower())
-    for dataset in T0_HELD_OUT:
-        if dataset in name:
-            if dataset == "anli":
-                round_ = re.search(r"_(r[123])(_|$)", name)
-                return f"anli_{round_.group(1)}" if round_ else "anli"
-            return dataset
-    return None
-
-
 def t0_medians(tasks: Mapping[str, Mapping[str, Any]]) -> dict:
-    """Median over prompts of every metric, per T0 held-out dataset (zero-shot sets excluded)."""
+    """Median over prompts of every metric, per T0 held-out dataset (zero-shot sets excluded).
+
+    A task's dataset is its recorded `TaskInfo.t0_dataset` (`task_metadata.task_info`).
+    """
     groups: dict[str, dict[str, list[float]]] = {}
     for name, result in tasks.items():
-        dataset = t0_dataset(name)
+        dataset = task_metadata.task_info(name).t0_dataset
         if dataset is None or result.get("set"):
             continue
         for protocol in PROTOCOLS:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from mtllama_jax import atomic
+from mtllama_jax import answer_matching, atomic
 
-# Columns of the model card's tables: (header, zero-shot set).
+# Columns of the model card's tables: (header, zero-shot set), the set a task's results
+# record (`TaskInfo.zero_shot_set`, from `tasks/zeroshot.py`'s registration).
 UNSEEN_DATASETS = [
     ("XQuAD-en", "xquad_en"),
     ("TyDiQA-en", "tydiqa_en"),
@@ -88,7 +89,7 @@ def _published_cell(value) -> str:
 
 
 def _card_table(columns, runs: Mapping[str, Mapping]) -> list[str]:
-    qa = {s for _, s in columns if s in ("xquad_en", "tydiqa_en", "mlqa_en", "squad")}
+    qa = {s for _, s in columns if s in answer_matching.QA_SETS}
     heads = [f"{h} F1/EM" if s in qa else h for h, s in columns]
     lines = ["| model | " + " | ".join(heads) + " |", "|---" * (len(columns) + 1) + "|"]
     for model, values in PUBLISHED.items():

@@ -17,8 +17,9 @@ row per choice, which the grouped tasks do not yield. The two agree:
 t5's preprocessor turns a grouped record back into P3's rows, and t5's metric
 on those rows gives the rank protocol's accuracy (tests/test_t0_eval_tasks.py).
 
-Task names are the P3 subset names with `.` made `_` (seqio's rule), so
-`evaluation.t0_dataset` finds each one's dataset.
+Task names are the P3 subset names with `.` made `_` (seqio's rule). Each task's
+T0 dataset (the table's `hf_dataset` and `hf_subset`, ANLI per round) is
+recorded with it (`mtllama_jax.task_metadata`) for the evaluation's medians.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import seqio
 import tensorflow as tf
 
 import gin
-from mtllama_jax import formats
+from mtllama_jax import formats, task_metadata
 from mtllama_jax.tasks import p3
 
 TABLE = os.path.join(os.path.dirname(__file__), "t0_eval_tasks.tsv")
@@ -49,13 +50,18 @@ def t0_eval_table() -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def p3_subsets() -> list[str]:
-    """The P3 `*_score_eval` subset of every held-out prompt (ANLI: one per round)."""
-    names = []
+def p3_subsets() -> dict[str, str]:
+    """The P3 `*_score_eval` subset of every held-out prompt -> its T0 dataset.
+
+    The dataset is `<hf_dataset>_<hf_subset>` with `.` made `_` (`super_glue_wsc_fixed`);
+    ANLI has one subset and dataset per round (`anli_r1`).
+    """
+    subsets = {}
     for row in t0_eval_table():
+        dataset = "_".join(filter(None, (row["hf_dataset"], row["hf_subset"]))).replace(".", "_")
         rounds = [f"_{r}" for r in ANLI_ROUNDS] if row["hf_dataset"] == "anli" else [""]
-        names += [f"{row['task']}{r}_score_eval" for r in rounds]
-    return names
+        subsets |= {f"{row['task']}{r}_score_eval": f"{dataset}{r}" for r in rounds}
+    return subsets
 
 
 def task_name(subset: str) -> str:
@@ -181,11 +187,12 @@ def _wrap_with_target(ds):
 def register() -> None:
     """A task per held-out prompt and the `t0_eval_score` mixture."""
     names = []
-    for subset in p3_subsets():
+    for subset, dataset in p3_subsets().items():
         name = task_name(subset)
         names.append(name)
         if name in seqio.TaskRegistry.names():
             continue
+        task_metadata.record(name, task_metadata.TaskInfo(t0_dataset=dataset))
         seqio.TaskRegistry.add(
             name,
             source=ScoreEvalSource(subset),

@@ -40,7 +40,7 @@ import seqio
 import tensorflow as tf
 
 import gin
-from mtllama_jax import answer_matching, formats, vocab
+from mtllama_jax import answer_matching, formats, task_metadata, vocab
 from mtllama_jax.tasks import eval_readers
 
 EVAL_DIR_ENV = "MTLLAMA_EVAL_DIR"
@@ -511,7 +511,7 @@ def _dataset_fn(name: str, split: str, shuffle_files: bool, seed: int | None = N
 
 
 def register() -> None:
-    """`zeroshot_<set>` for every set, and the `zeroshot_all` mixture."""
+    """`zeroshot_<set>` for every set (its set and matcher recorded), and `zeroshot_all`."""
     v = vocab.configured_vocabulary()
     features = {
         "inputs": seqio.Feature(v, add_eos=False),
@@ -523,6 +523,8 @@ def register() -> None:
         names.append(task)
         if task in seqio.TaskRegistry.names():
             continue
+        matcher = name if name in answer_matching.MATCHERS else None
+        task_metadata.record(task, task_metadata.TaskInfo(zero_shot_set=name, matcher=matcher))
         seqio.TaskRegistry.add(
             task,
             source=seqio.FunctionDataSource(

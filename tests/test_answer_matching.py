@@ -7,27 +7,11 @@ from mtllama_jax.answer_matching import (
     match_strict,
     qa_prediction,
     quick_ratio_choice,
-    zero_shot_set,
 )
 
 
 @pytest.mark.parametrize(
-    "task, expect",
-    [
-        ("zeroshot_squad", "squad"),
-        ("zeroshot_xquad_en", "xquad_en"),
-        ("zeroshot_rte", "rte"),
-        ("zeroshot_sst2_card", "sst2"),
-        ("synthetic_topic", None),
-        ("zeroshot_unknown", None),
-    ],
-)
-def test_zero_shot_set_from_task_name(task, expect):
-    assert zero_shot_set(task) == expect
-
-
-@pytest.mark.parametrize(
-    "dataset, choices, output, index, matched",
+    "matcher, choices, output, index, matched",
     [
         # SST-2: digits and stars first, then no/yes; nothing found -> the code's label 0 (No).
         ("sst2", ["No", "Yes"], "Yes, I would.", 1, True),
@@ -49,8 +33,8 @@ def test_zero_shot_set_from_task_name(task, expect):
         ("openbookqa", ["sun", "moon", "rock", "tree"], "bird", 1, True),
     ],
 )
-def test_original_keyword_rules(dataset, choices, output, index, matched):
-    got = match_original(output, choices, dataset)
+def test_original_keyword_rules(matcher, choices, output, index, matched):
+    got = match_original(output, choices, matcher)
     assert (got.index, got.matched) == (index, matched)
 
 

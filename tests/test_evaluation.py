@@ -11,7 +11,7 @@ import sentencepiece as spm
 import seqio
 import tensorflow as tf
 
-from mtllama_jax import decoding, evaluation, partitioning
+from mtllama_jax import decoding, evaluation, partitioning, task_metadata
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.model import LlamaForCausalLM
 from mtllama_jax.vocab import LlamaVocabulary
@@ -42,8 +42,11 @@ def vocab(tmp_path_factory):
     return LlamaVocabulary(str(folder / "tokenizer.model"))
 
 
-def _register(name, examples, vocab, missing=None):
-    """A seqio task over in-memory examples (or one whose source file is missing)."""
+def _register(name, examples, vocab, missing=None, info=None):
+    """A seqio task over in-memory examples (or one whose source file is missing).
+
+    `info`: its `task_metadata.TaskInfo`, recorded as `tasks/` does (None: a plain task).
+    """
 
     def dataset_fn(split, shuffle_files, seed=None):
         if missing:
@@ -69,6 +72,8 @@ def _register(name, examples, vocab, missing=None):
         output_features={"inputs": feature, "targets": feature},
         metric_fns=[],
     )
+    if info is not None:
+        task_metadata.record(name, info)
 
 
 def _choice_examples(n, prefix="pick one"):
@@ -93,7 +98,8 @@ def _choice_examples(n, prefix="pick one"):
 @pytest.fixture(scope="module")
 def tasks(vocab):
     _register("fixture_planted", _choice_examples(6), vocab)
-    _register("zeroshot_copa_fixture", _choice_examples(3), vocab)
+    copa = task_metadata.TaskInfo(zero_shot_set="copa", matcher="copa")
+    _register("zeroshot_copa_fixture", _choice_examples(3), vocab, info=copa)
     long_prompt = " ".join(WORDS * 12)
     _register("fixture_long", _choice_examples(1, prefix=long_prompt), vocab)
     _register("fixture_missing", [], vocab, missing="/data/eval/missing-dev.json")
@@ -210,6 +216,10 @@ def test_squad_f1_em_hand_computed(output, golds, f1, em):
 
 
 def test_t0_median_over_prompts():
+    for t in ("gpt3", "mnli_crowdsource", "does_it_follow"):
+        info = task_metadata.TaskInfo(t0_dataset="super_glue_rte")
+        task_metadata.record(f"super_glue_rte_{t}_score_eval", info)
+    task_metadata.record("anli_claim_r2_score_eval", task_metadata.TaskInfo(t0_dataset="anli_r2"))
     tasks = {
         f"super_glue_rte_{t}_score_eval": {"set": None, "rank": {"accuracy": a}}
         for t, a in (("gpt3", 50.0), ("mnli_crowdsource", 70.0), ("does_it_follow", 60.0))
@@ -304,8 +314,11 @@ def test_mlqa_en_is_scored_by_mlqas_rules_and_squad_by_squads(vocab, planted_par
         "label": -1,
         "example_id": "q0",
     }
-    for name in ("zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"):
-        _register(name, [example], vocab)
+    for name, qa_set in (
+        ("zeroshot_mlqa_en_fixture", "mlqa_en"),
+        ("zeroshot_squad_fixture", "squad"),
+    ):
+        _register(name, [example], vocab, info=task_metadata.TaskInfo(zero_shot_set=qa_set))
     results = evaluation.evaluate(
         planted_params,
         CONFIG,

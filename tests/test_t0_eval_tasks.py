@@ -1,5 +1,6 @@
 """T0 held-out `*_score_eval` tasks: choice rows grouped per example, both P3 layouts."""
 
+import collections
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import tensorflow as tf
 from conftest import session_spm
 
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
-from mtllama_jax import evaluation, formats, vocab
+from mtllama_jax import evaluation, formats, task_metadata, vocab
 from mtllama_jax.tasks import p3, t0_eval
 
 SUBSET = "super_glue_rte_GPT_3_style_score_eval"
@@ -81,7 +82,7 @@ def test_every_held_out_prompt_is_a_task_of_its_dataset():
     rows = t0_eval.t0_eval_table()
     anli = sum(r["hf_dataset"] == "anli" for r in rows)
     assert len(names) == len(rows) + 2 * anli  # ANLI: one task per round
-    datasets = {evaluation.t0_dataset(n) for n in names}
+    datasets = {task_metadata.task_info(n).t0_dataset for n in names}
     assert None not in datasets
     assert {
         "super_glue_wsc_fixed",
@@ -91,6 +92,10 @@ def test_every_held_out_prompt_is_a_task_of_its_dataset():
         "winogrande_winogrande_xl",
         "story_cloze_2016",
     } <= datasets
+    assert task_metadata.task_info("anli_GPT_3_style_r2_score_eval").t0_dataset == "anli_r2"
+    assert task_metadata.task_info(t0_eval.task_name(WSC)).t0_dataset == "super_glue_wsc_fixed"
+    counts = collections.Counter(task_metadata.task_info(n).t0_dataset for n in names)
+    assert (counts["super_glue_cb"], counts["anli_r3"], counts["hellaswag"]) == (15, 15, 4)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from conftest import session_spm
 
 import gin
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
-from mtllama_jax import decoding, evaluation, formats, vocab
+from mtllama_jax import decoding, evaluation, formats, reports, task_metadata, vocab
 from mtllama_jax.config import LlamaConfig
 from mtllama_jax.model import LlamaForCausalLM
 from mtllama_jax.tasks import zeroshot
@@ -234,6 +234,28 @@ def test_card_style_wraps_every_prompt_and_drops_copas_extra_dot(eval_dir):
     assert by_set("copa")[0]["inputs"].endswith(
         "- He dropped a hammer on his foot - He got a hole in his sock### Assistant:"
     )
+
+
+@pytest.mark.parametrize(
+    "task, expect",
+    [
+        ("zeroshot_squad", ("squad", None)),
+        ("zeroshot_xquad_en", ("xquad_en", None)),
+        ("zeroshot_rte", ("rte", "rte")),
+        ("zeroshot_sst2", ("sst2", "sst2")),
+        ("zeroshot_copa", ("copa", "copa")),
+        ("synthetic_topic_t0", (None, None)),
+    ],
+)
+def test_registration_records_the_set_and_matcher(task, expect):
+    info = task_metadata.task_info(task)
+    assert (info.zero_shot_set, info.matcher, info.t0_dataset) == (*expect, None)
+
+
+def test_the_reports_columns_are_the_registered_sets():
+    columns = [s for _, s in reports.UNSEEN_DATASETS + reports.UNSEEN_TASKS]
+    recorded = [task_metadata.task_info(f"zeroshot_{s}").zero_shot_set for s in zeroshot.SETS]
+    assert sorted(columns) == sorted(recorded) == sorted(reports.PUBLISHED["MT-LLaMA-7b"])
 
 
 def test_tasks_tokenise_the_prompts_and_the_mixture_has_every_set(eval_dir):
