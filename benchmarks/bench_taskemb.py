@@ -49,7 +49,7 @@ from mtllama_jax import (
     taskemb_analysis,
     trainer,
 )
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.tasks import synthetic
 
 # gin/runs/demo.gin's model; tiny.gin's length.

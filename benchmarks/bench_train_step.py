@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtllama_jax import metrics, optim, partitioning, trainer  # noqa: E402
-from mtllama_jax.config import LlamaConfig  # noqa: E402
+from mtllama_jax.models.llama.config import LlamaConfig  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(),  # LlamaConfig.tiny()

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mtllama_jax import answer_matching, decoding
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 PROTOCOLS = ("generate", "rank")
 # T0's held-out datasets (`t0_eval_tasks.tsv`), as the prefixes of their task names.

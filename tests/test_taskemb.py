@@ -22,8 +22,8 @@ from mtllama_jax import (
     taskemb,
     taskemb_analysis,
 )
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.tasks import synthetic
 
 CONFIG = LlamaConfig(
