@@ -63,6 +63,7 @@ CONFIG = LlamaConfig(
     head_dim=32,
     max_position_embeddings=256,
     dtype="float32",
+    cpu_forms=jax.default_backend() == "cpu",
 )
 LENGTH, BATCH = 256, 8
 

@@ -148,7 +148,12 @@ def main(argv=None):
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.config:
-        base = LlamaConfig.tiny(**CONFIGS[name]) if name != "1b" else LlamaConfig(**CONFIGS[name])
+        cpu_forms = jax.default_backend() == "cpu"
+        base = (
+            LlamaConfig.tiny(**CONFIGS[name])
+            if name != "1b"
+            else LlamaConfig(**CONFIGS[name], cpu_forms=cpu_forms)
+        )
         length = args.length or (2048 if name == "1b" else 128)
         batch = make_batch(args.batch, length, base.vocab_size)
         tokens = args.batch * length

@@ -36,6 +36,7 @@ CONFIG = LlamaConfig(
     head_dim=16,
     max_position_embeddings=128,
     dtype="float32",
+    cpu_forms=True,  # the tests run on CPU
 )
 
 
