@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtllama_jax.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from mtllama_jax.models.llama.config import LlamaConfig  # noqa: E402
+from mtllama_jax.models.llama.model import LlamaForCausalLM  # noqa: E402
 
 
 def compile_seconds(config: LlamaConfig, batch: int, length: int) -> float:

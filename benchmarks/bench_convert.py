@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from mtllama_jax.config import LlamaConfig
 from mtllama_jax.convert import hf_files, hf_params
+from mtllama_jax.models.llama.config import LlamaConfig
 
 CHILD = r"""
 import json, resource, sys, time

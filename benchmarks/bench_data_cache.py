@@ -194,8 +194,8 @@ def train_loop_ratio(cache_dir, workers, steps=24, rows=16, length=512):
     import jax
 
     from mtllama_jax import optim, partitioning, trainer
-    from mtllama_jax.config import LlamaConfig
     from mtllama_jax.data import pipeline
+    from mtllama_jax.models.llama.config import LlamaConfig
 
     tx = optim.make_optimizer(optim.learning_rate_schedule(1e-3, 100, "constant"), 0.0)
     s = spec(cache_dir, workers, rows, length)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtllama_jax import decoding
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 # Wide and shallow, so that, as for a 7B model, reading the weights dominates a step and the
 # cache is a few percent of it (a toy model's step is dominated by its cache-length terms).

@@ -49,7 +49,7 @@ from mtllama_jax import (
     taskemb_analysis,
     trainer,
 )
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.tasks import synthetic
 
 # gin/runs/demo.gin's model; tiny.gin's length.
@@ -63,6 +63,7 @@ CONFIG = LlamaConfig(
     head_dim=32,
     max_position_embeddings=256,
     dtype="float32",
+    cpu_forms=jax.default_backend() == "cpu",
 )
 LENGTH, BATCH = 256, 8
 

@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtllama_jax import metrics, optim, partitioning, trainer  # noqa: E402
-from mtllama_jax.config import LlamaConfig  # noqa: E402
+from mtllama_jax.models.llama.config import LlamaConfig  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(),  # LlamaConfig.tiny()
@@ -148,7 +148,12 @@ def main(argv=None):
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.config:
-        base = LlamaConfig.tiny(**CONFIGS[name]) if name != "1b" else LlamaConfig(**CONFIGS[name])
+        cpu_forms = jax.default_backend() == "cpu"
+        base = (
+            LlamaConfig.tiny(**CONFIGS[name])
+            if name != "1b"
+            else LlamaConfig(**CONFIGS[name], cpu_forms=cpu_forms)
+        )
         length = args.length or (2048 if name == "1b" else 128)
         batch = make_batch(args.batch, length, base.vocab_size)
         tokens = args.batch * length

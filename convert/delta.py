@@ -39,8 +39,7 @@ import sys
 import numpy as np
 import sentencepiece as spm
 
-from mtllama_jax import checkpoint_folder
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax import checkpoint_folder, models
 from mtllama_jax.convert import hf_files, hf_params, manifest, orbax_hf
 
 VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -92,7 +91,7 @@ def _stream(base, other, out, op, max_shard_size, overwrite, role: str) -> None:
     """out = op(base16 resized, other16) tensor by tensor, with `other`'s config and tokenizer."""
     base, other = os.fspath(base), os.fspath(other)
     checkpoint_folder.check_writable(out, overwrite=overwrite)
-    base_config, config = LlamaConfig.from_hf(base), LlamaConfig.from_hf(other)
+    base_config, config = models.config_from_hf(base), models.config_from_hf(other)
     base_tokenizer = _base_tokenizer_for(base, other, role)  # checked before any work
     _check_same_architecture(base, base_config, other, config, role)
     if config.vocab_size not in (base_config.vocab_size, base_config.vocab_size + 1):

@@ -1,101 +1,28 @@
-"""Hugging Face LLaMA tensor names <-> this project's parameter tree.
+"""Hugging Face tensors <-> this project's parameter tree, for any model family.
 
-Each HF tensor maps to one parameter path, plus a layer index for the tensors
-that `nn.scan` stacks on a leading `layers` axis, and a pair of layout
-transforms (HF stores `nn.Linear` weights as [out, in]; we store kernels as
-[in..., out...] with heads split out). The mapping is listed one tensor at a
-time so converters can stream: read one HF tensor, write one slice.
-
-Rotary embeddings use HF's rotate-half layout in both, so q/k need no
-permutation.
+The tensor-name map of each family lives beside its model
+(`mtllama_jax/models/<family>/hf_names.py`) and is found through
+`mtllama_jax.models.family_of`; this module checks a checkpoint's names and
+shapes against it and converts whole trees or one tensor at a time.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from mtllama_jax.model import LlamaConfig
-
-ParamPath = tuple[str, ...]
-
-# Buffers some HF checkpoints carry that are not parameters (recomputed from the config).
-IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+from mtllama_jax import models
+from mtllama_jax.models.hf import ParamPath, TensorMapping
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMapping:
-    """Where one HF tensor lives in the param tree, and how its layout changes."""
-
-    hf_name: str
-    param_path: ParamPath
-    layer: int | None  # index on the stacked `layers` axis, or None
-    hf_shape: tuple[int, ...]
-    param_shape: tuple[int, ...]  # shape of this tensor's slice in the param tree
-    to_param: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+def tensor_mappings(config) -> list[TensorMapping]:
+    """Every HF tensor of a model of this config, in HF order (from its family's map)."""
+    return models.family_of(config).hf_names.tensor_mappings(config)
 
 
-def _linear(in_shape, out_shape):
-    """An HF [out, in] weight <-> a kernel of shape in_shape + out_shape."""
-    n_in = int(np.prod(in_shape))
-    n_out = int(np.prod(out_shape))
-    return (
-        (n_out, n_in),
-        tuple(in_shape) + tuple(out_shape),
-        lambda w: w.T.reshape(tuple(in_shape) + tuple(out_shape)),
-        lambda k: k.reshape(n_in, n_out).T,
-    )
-
-
-def _identity(shape):
-    return tuple(shape), tuple(shape), (lambda w: w), (lambda p: p)
-
-
-def tensor_mappings(config: LlamaConfig) -> list[TensorMapping]:
-    """Every tensor of an HF `LlamaForCausalLM` of this config, in HF order."""
-    e, m, d = config.hidden_size, config.intermediate_size, config.head_dim
-    h, kv = config.num_heads, config.num_kv_heads
-    per_layer = {
-        "input_layernorm.weight": (("attention_norm", "scale"), _identity((e,))),
-        "self_attn.q_proj.weight": (("attention", "q_proj", "kernel"), _linear((e,), (h, d))),
-        "self_attn.k_proj.weight": (("attention", "k_proj", "kernel"), _linear((e,), (kv, d))),
-        "self_attn.v_proj.weight": (("attention", "v_proj", "kernel"), _linear((e,), (kv, d))),
-        "self_attn.o_proj.weight": (("attention", "o_proj", "kernel"), _linear((h, d), (e,))),
-        "post_attention_layernorm.weight": (("mlp_norm", "scale"), _identity((e,))),
-        "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), _linear((e,), (m,))),
-        "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), _linear((e,), (m,))),
-        "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), _linear((m,), (e,))),
-    }
-    mappings = [
-        TensorMapping(
-            "model.embed_tokens.weight",
-            ("embed", "embedding"),
-            None,
-            *_identity((config.vocab_size, e)),
-        )
-    ]
-    for i in range(config.num_layers):
-        for suffix, (path, layout) in per_layer.items():
-            mappings.append(
-                TensorMapping(f"model.layers.{i}.{suffix}", ("layers",) + path, i, *layout)
-            )
-    mappings.append(
-        TensorMapping("model.norm.weight", ("final_norm", "scale"), None, *_identity((e,)))
-    )
-    if not config.tie_word_embeddings:
-        mappings.append(
-            TensorMapping(
-                "lm_head.weight", ("lm_head", "kernel"), None, *_linear((e,), (config.vocab_size,))
-            )
-        )
-    return mappings
-
-
-def param_shapes(config: LlamaConfig) -> dict[ParamPath, tuple[int, ...]]:
+def param_shapes(config) -> dict[ParamPath, tuple[int, ...]]:
     """Full shape of every parameter (stacked ones with their leading layers axis)."""
     shapes = {}
     for t in tensor_mappings(config):
@@ -104,10 +31,11 @@ def param_shapes(config: LlamaConfig) -> dict[ParamPath, tuple[int, ...]]:
     return shapes
 
 
-def check_hf_names(names, config: LlamaConfig, source: str = "checkpoint") -> None:
+def check_hf_names(names, config, source: str = "checkpoint") -> None:
     """Raises naming the missing or unexpected tensors of an HF checkpoint."""
     expected = {t.hf_name for t in tensor_mappings(config)}
-    present = {n for n in names if not IGNORED_HF_TENSORS.fullmatch(n)}
+    ignored = models.family_of(config).hf_names.IGNORED_HF_TENSORS
+    present = {n for n in names if not ignored.fullmatch(n)}
     missing = sorted(expected - present, key=_natural_key)
     unexpected = sorted(present - expected, key=_natural_key)
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
@@ -135,9 +63,7 @@ def check_hf_shape(mapping: TensorMapping, shape, source: str = "checkpoint") ->
         )
 
 
-def hf_to_params(
-    tensors: Mapping[str, np.ndarray], config: LlamaConfig, source: str = "checkpoint"
-) -> dict:
+def hf_to_params(tensors: Mapping[str, np.ndarray], config, source: str = "checkpoint") -> dict:
     """Builds the nested param tree (numpy) from a mapping of HF tensors."""
     check_hf_names(tensors.keys(), config, source)
     flat: dict[ParamPath, np.ndarray] = {}
@@ -154,7 +80,7 @@ def hf_to_params(
     return unflatten(flat)
 
 
-def params_to_hf(params, config: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
+def params_to_hf(params, config) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, HF-layout numpy array) one tensor at a time."""
     flat = flatten(params)
     for t in tensor_mappings(config):

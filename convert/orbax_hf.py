@@ -17,9 +17,9 @@ import sys
 import jax
 import numpy as np
 
-from mtllama_jax import checkpoint_folder
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax import checkpoint_folder, models
 from mtllama_jax.convert import hf_files, hf_params, manifest
+from mtllama_jax.models.llama.config import LlamaConfig
 
 # Vocabulary-sized params and the axis their rows lie along.
 VOCAB_AXES = {("embed", "embedding"): 0, ("lm_head", "kernel"): 1}
@@ -45,7 +45,7 @@ def hf_to_jax(
     """
     hf_dir = os.fspath(hf_dir)
     checkpoint_folder.check_writable(out, overwrite=overwrite)
-    config = LlamaConfig.from_hf(hf_dir)
+    config = models.config_from_hf(hf_dir)
     if not os.path.exists(os.path.join(hf_dir, checkpoint_folder.TOKENIZER)):
         if not allow_no_tokenizer:
             raise FileNotFoundError(

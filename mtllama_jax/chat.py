@@ -23,7 +23,7 @@ from typing import Sequence
 import jax
 
 from mtllama_jax import decoding, exits, launch, partitioning
-from mtllama_jax.config import COMPUTE_DTYPES
+from mtllama_jax.models.llama.config import COMPUTE_DTYPES
 
 
 class Conversation:

@@ -27,7 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mtllama_jax.config import LlamaConfig, read_config_json
+from mtllama_jax import models
+from mtllama_jax.models.hf import read_config_json
+from mtllama_jax.models.llama.config import LlamaConfig
 
 PARAMS = "params"
 CONFIG = "config.json"
@@ -170,7 +172,11 @@ def load_config(folder) -> LlamaConfig:
             f"Face config); copy it from the model the weights came from, or "
             + _CONVERT_HINT.format(folder)
         )
-    return LlamaConfig.from_hf(path, **read_config_json(path).get("mtllama_jax", {}))
+    return models.config_from_hf(
+        path,
+        cpu_forms=jax.default_backend() == "cpu",
+        **read_config_json(path).get("mtllama_jax", {}),
+    )
 
 
 def tokenizer_path(folder) -> str:

@@ -39,7 +39,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mtllama_jax import atomic
-from mtllama_jax.config import LlamaConfig, read_config_json
+from mtllama_jax.models.hf import read_config_json
+from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.train_state import TrainState
 
 TOKENIZER_MODEL = "tokenizer.model"

@@ -28,7 +28,7 @@ import jax
 import gin
 from mtllama_jax import atomic, evaluation, exits, launch, reports
 from mtllama_jax.checkpoint_folder import open_checkpoint
-from mtllama_jax.config import COMPUTE_DTYPES
+from mtllama_jax.models.llama.config import COMPUTE_DTYPES
 
 
 def checkpoint_vocabulary(tokenizer_path: str):

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mtllama_jax import answer_matching, decoding, task_metadata
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 PROTOCOLS = ("generate", "rank")
 

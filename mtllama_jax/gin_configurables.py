@@ -10,9 +10,11 @@ import types
 import typing
 from typing import Sequence
 
+import jax
+
 import gin
-from mtllama_jax import config as model_config
 from mtllama_jax import partitioning
+from mtllama_jax.models.llama import config as model_config
 
 # The presets: models/ (architectures), mesh/ (mesh sizes), runs/ (what to run).
 # Entry points put this folder on gin's search path, so `--gin_file=runs/demo.gin`
@@ -23,8 +25,8 @@ LlamaConfig = gin.external_configurable(model_config.LlamaConfig, name="LlamaCon
 
 
 def model_config_from_gin() -> model_config.LlamaConfig:
-    """The LlamaConfig that the parsed gin files describe."""
-    return LlamaConfig()
+    """The LlamaConfig that the parsed gin files describe, in CPU forms on a CPU backend."""
+    return LlamaConfig(cpu_forms=jax.default_backend() == "cpu")
 
 
 @gin.configurable

@@ -84,10 +84,10 @@ def open_model(path: str, mesh, rules, step: int | None = None):
         raise FileNotFoundError(
             f"--model_args checkpoint={path} does not hold a model: " + _expected(path)
         )
-    from mtllama_jax.config import LlamaConfig
+    from mtllama_jax import models
     from mtllama_jax.convert import hf_files, hf_params
 
-    config = LlamaConfig.from_hf(path)
+    config = models.config_from_hf(path, cpu_forms=jax.default_backend() == "cpu")
     tokenizer = checkpoint_folder.tokenizer_path(path)
     hf = hf_files.HFWeights(path)
     tensors = {name: hf.get(name) for name in hf.names()}

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import jax
 
 from mtllama_jax import atomic
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
 # First match wins, so specific names come before their families.
@@ -56,12 +56,8 @@ def peak_flops(device_kind: str) -> float | None:
 
 def flops_per_token(config: LlamaConfig, length: int) -> float:
     """Training FLOPs per token (forward + backward) of `config` at sequence `length`."""
-    e, d = config.hidden_size, config.head_dim
-    attn_proj = e * d * (2 * config.num_heads + 2 * config.num_kv_heads)
-    per_layer = attn_proj + 3 * e * config.intermediate_size
-    matmul_params = config.num_layers * per_layer + e * config.vocab_size  # LM head
-    attention = 6 * config.num_layers * config.num_heads * d * length
-    return 6.0 * matmul_params + attention
+    attention = 6 * config.num_layers * config.num_heads * config.head_dim * length
+    return 6.0 * config.matmul_params + attention
 
 
 def mfu(config: LlamaConfig, length: int, tokens_per_s: float, devices=None) -> float | None:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("batch", "length")

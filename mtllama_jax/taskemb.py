@@ -42,9 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mtllama_jax import losses, partitioning
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax import losses, models, partitioning
+from mtllama_jax.models.llama.config import LlamaConfig
 
 # Which parameters the Fisher is taken over: param paths ("/"-joined) of the model.
 PARAM_SUBSETS = {
@@ -147,7 +146,7 @@ class Embedder:
         self.config, self.mesh = config, mesh
         self.rules = partitioning.logical_axis_rules("data") if rules is None else rules
         self.paths = subset_paths(config, subset)
-        self.model = LlamaForCausalLM(config)
+        self.model = models.build_module(config)
         self.param_shardings = partitioning.param_shardings(config, mesh, self.rules)
         self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
         spec = self.batch_sharding.spec[0] if self.batch_sharding.spec else None

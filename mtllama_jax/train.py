@@ -38,9 +38,9 @@ from mtllama_jax import (
     run_lock,
     trainer,
 )
-from mtllama_jax.config import LlamaConfig
 from mtllama_jax.gin_configurables import check_argument_types, mesh, model_config_from_gin
 from mtllama_jax.launch import parse_gin
+from mtllama_jax.models.llama.config import LlamaConfig
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 DATA_CACHE_ENV = "MTLLAMA_DATA_CACHE"

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import partitioning
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 
 @flax.struct.dataclass

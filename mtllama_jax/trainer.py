@@ -29,8 +29,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import losses, partitioning, train_state
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.preemption import Preempted
 
 BATCH_FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights")

@@ -7,7 +7,7 @@ import pytest
 
 from mtllama_jax import atomic, checkpoints, metrics
 from mtllama_jax import eval as eval_job
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 RUN = {
     "tasks": {

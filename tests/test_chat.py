@@ -14,9 +14,9 @@ import sentencepiece as spm
 
 from mtllama_jax import chat, checkpoints, decoding, train_state
 from mtllama_jax.chat import Conversation
-from mtllama_jax.config import LlamaConfig
 from mtllama_jax.formats import MTLLAMA_SYSTEM
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.vocab import LlamaVocabulary
 
 CONFIG = LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=384)

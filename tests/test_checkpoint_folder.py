@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mtllama_jax import checkpoint_folder, checkpoints, partitioning
-from mtllama_jax.config import LlamaConfig
 from mtllama_jax.convert import hf_params
+from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.train_state import TrainState
 
 CONFIG = LlamaConfig.tiny(num_layers=1)

@@ -10,7 +10,7 @@ import pytest
 from test_train_resume import run_tiny
 
 from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 CONFIG = LlamaConfig.tiny()
 

@@ -11,9 +11,9 @@ from conftest import assert_bitwise, convert, make_hf, read_all
 from safetensors.torch import save_file
 
 from mtllama_jax import checkpoint_folder, checkpoints
-from mtllama_jax.config import LlamaConfig
 from mtllama_jax.convert import hf_files, hf_params, manifest
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.train_state import TrainState
 
 

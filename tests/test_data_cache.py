@@ -279,7 +279,7 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
     import jax
 
     from mtllama_jax import optim, partitioning, train
-    from mtllama_jax.config import LlamaConfig
+    from mtllama_jax.models.llama.config import LlamaConfig
 
     s = spec(
         cache_dir,

@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 
 from mtllama_jax import decoding, partitioning
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 # A wide init makes logits far apart, so greedy choices are not near-ties.
 CONFIG = LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=64)

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from mtllama_jax import checkpoint_folder
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.tasks import synthetic
 
 CONFIG = LlamaConfig.tiny(vocab_size=1024)  # the synthetic tasks' vocabulary

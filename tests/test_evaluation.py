@@ -12,8 +12,8 @@ import seqio
 import tensorflow as tf
 
 from mtllama_jax import decoding, evaluation, partitioning, task_metadata
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.vocab import LlamaVocabulary
 
 CONFIG = LlamaConfig.tiny(vocab_size=320, max_position_embeddings=96)

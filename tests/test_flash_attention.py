@@ -8,12 +8,14 @@ the Mosaic TPU kernels in TPU interpret mode.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
 
+from mtllama_jax import partitioning
 from mtllama_jax.kernels import BlockSizes, flash_attention, reference_attention
 
 
@@ -146,15 +148,25 @@ def test_blocks_of_other_segments_are_skipped(causal):
 
 
 def test_sharded_over_batch_and_heads_on_eight_devices():
-    """Under a (data, fsdp, tensor) = (2, 2, 2) mesh the kernel runs per shard via shard_map."""
+    """Under a (data, fsdp, tensor) = (2, 2, 2) mesh the kernel runs per shard via shard_map,
+    split as the logical axis rules in effect say (batch over data+fsdp, heads over tensor)."""
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     q, k, v, do, seg = make_inputs(4, 40, 4, 2, 64, jnp.float32, True, seed=4)
     want = value_and_grads(reference_attention, q, k, v, do, seg, True)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.logical_axis_rules("fsdp_tp")):
         jaxpr = jax.make_jaxpr(lambda q, k, v: flash_attention(q, k, v, segment_ids=seg))(q, k, v)
         assert "shard_map" in str(jaxpr)
+        assert "in_specs=(P(('data', 'fsdp'), None, 'tensor', None)" in str(jaxpr)
         got = value_and_grads(flash_attention, q, k, v, do, seg, True)
     assert_close(got, want, 2e-5)
+
+
+def test_shard_map_refuses_rules_that_split_the_sequence():
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    q, k, v, _, _ = make_inputs(4, 40, 4, 2, 64, jnp.float32, False, seed=4)
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("length", "tensor"),)):
+        with pytest.raises(ValueError, match="needs whole 'length' per device.*'tensor'"):
+            flash_attention(q, k, v)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from mtllama_jax.model import lm_head_logits
+from mtllama_jax.models.llama.model import lm_head_logits
 
 
 def _inputs(dtype):

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from mtllama_jax import models
 from mtllama_jax.convert.hf_params import hf_to_params, param_shapes, params_to_hf, unflatten
-from mtllama_jax.model import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 HF = dict(
     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
@@ -22,6 +23,16 @@ def test_missing_field_is_named(tmp_path):
         ValueError, match=r"config.json: missing field\(s\) \['intermediate_size'\]"
     ):
         LlamaConfig.from_hf(tmp_path)
+
+
+def test_model_type_picks_the_family_and_an_unknown_one_is_named(tmp_path):
+    assert models.config_from_hf({**HF, "model_type": "llama"}) == LlamaConfig.from_hf(HF)
+    assert models.config_from_hf(HF, dtype="bfloat16").dtype == "bfloat16"  # no model_type: llama
+    (tmp_path / "config.json").write_text(json.dumps({**HF, "model_type": "gpt2"}))
+    with pytest.raises(
+        ValueError, match=r"config.json: field 'model_type' is 'gpt2'; .* known are \['llama'\]"
+    ):
+        models.config_from_hf(tmp_path)
 
 
 def test_unknown_rope_scaling_is_named():

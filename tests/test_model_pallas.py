@@ -14,7 +14,8 @@ import pytest
 
 from mtllama_jax import partitioning
 from mtllama_jax.losses import cross_entropy_sums
-from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 XLA = LlamaConfig.tiny(attention="xla")
 PALLAS = dataclasses.replace(XLA, attention="pallas")

@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from mtllama_jax.convert.hf_params import hf_to_params, params_to_hf
-from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 BASE = dict(
     vocab_size=128,

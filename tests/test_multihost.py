@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
     from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
-    from mtllama_jax.config import LlamaConfig
+    from mtllama_jax.models.llama.config import LlamaConfig
 
     two_dir, one_dir = str(tmp_path / "two"), str(tmp_path / "one")
     port = _free_port()

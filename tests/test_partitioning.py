@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mtllama_jax import partitioning
-from mtllama_jax.model import LlamaConfig, LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 CONFIG = LlamaConfig.tiny()
 

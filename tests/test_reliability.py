@@ -33,7 +33,7 @@ from mtllama_jax import (
     train,
     train_state,
 )
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 CONFIG = LlamaConfig.tiny(num_layers=1)
 ROWS, LENGTH = 2, 16

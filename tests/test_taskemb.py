@@ -22,8 +22,8 @@ from mtllama_jax import (
     taskemb,
     taskemb_analysis,
 )
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.tasks import synthetic
 
 CONFIG = LlamaConfig(
@@ -36,6 +36,7 @@ CONFIG = LlamaConfig(
     head_dim=16,
     max_position_embeddings=128,
     dtype="float32",
+    cpu_forms=True,  # the tests run on CPU
 )
 
 

@@ -2,10 +2,12 @@
 
 import os
 
+import jax
+import numpy as np
 import pytest
 
-from mtllama_jax import metrics
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax import metrics, models
+from mtllama_jax.models.llama.config import LlamaConfig
 
 
 def test_flops_per_token_and_peak_table():
@@ -19,6 +21,19 @@ def test_flops_per_token_and_peak_table():
     assert metrics.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert metrics.peak_flops("TPU v5 lite") == 197e12
     assert metrics.peak_flops("cpu") is None
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_counts_equal_an_initialised_model(tied):
+    config = LlamaConfig.tiny(tie_word_embeddings=tied)
+    tokens = np.zeros((1, 8), np.int32)
+    shapes = jax.eval_shape(models.build_module(config).init, jax.random.key(0), tokens)
+    leaves = jax.tree_util.tree_leaves_with_path(shapes["params"])
+    sizes = {jax.tree_util.keystr(path): leaf.size for path, leaf in leaves}
+    assert config.num_params == sum(sizes.values())
+    products = sum(n for name, n in sizes.items() if "kernel" in name)
+    table = config.vocab_size * config.hidden_size  # the LM head when tied
+    assert config.matmul_params == products + (table if tied else 0)
 
 
 class FakeDevice:

@@ -53,7 +53,7 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
     Sends itself `sig` when asked for the batch of step `kill_at`.
     """
     from mtllama_jax import optim, partitioning, train
-    from mtllama_jax.config import LlamaConfig
+    from mtllama_jax.models.llama.config import LlamaConfig
 
     config = LlamaConfig.tiny()
     mesh = (partitioning.make_mesh(1, -1, 1), partitioning.logical_axis_rules("fsdp"))
@@ -138,7 +138,7 @@ def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
     assert [s for s, _, _ in curve(reference_dir)] == list(range(1, NUM_STEPS + 1))
 
     from mtllama_jax import optim, partitioning, trainer
-    from mtllama_jax.config import LlamaConfig
+    from mtllama_jax.models.llama.config import LlamaConfig
 
     step_fn = trainer.Trainer(
         LlamaConfig.tiny(),

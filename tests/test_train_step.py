@@ -8,7 +8,7 @@ import pytest
 from test_train_resume import synthetic_batches
 
 from mtllama_jax import losses, optim, partitioning, trainer
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 CONFIG = LlamaConfig.tiny()
 

@@ -15,7 +15,7 @@ import pytest
 from test_chat import model_dir  # noqa: F401 (fixture)
 
 from mtllama_jax import chat, checkpoints, exits, train
-from mtllama_jax.config import LlamaConfig
+from mtllama_jax.models.llama.config import LlamaConfig
 
 
 def test_run_main_prints_one_line_and_the_exit_code(capsys):

@@ -15,8 +15,8 @@ from conftest import session_spm
 import gin
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
 from mtllama_jax import decoding, evaluation, formats, reports, task_metadata, vocab
-from mtllama_jax.config import LlamaConfig
-from mtllama_jax.model import LlamaForCausalLM
+from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.tasks import zeroshot
 
 SQUAD = {

@@ -4,13 +4,15 @@ The kernels themselves live in `triton.py` (GPU, and CPU interpret mode) and
 `tpu.py` (Mosaic TPU). This module pads the sequence to a multiple of the block
 sizes (the kernels mask the padding), ties forward and backward kernels together
 with `jax.custom_vjp`, and, under a mesh of several devices, runs them per shard
-with `jax.shard_map` (batch over ('data', 'fsdp'), heads over 'tensor').
+with `jax.shard_map`, split as the logical axis rules in effect (flax's
+`nn.logical_axis_rules`) split the model's batch and heads.
 """
 
 import dataclasses
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -20,8 +22,9 @@ from mtllama_jax.kernels import tpu as tpu_kernels
 from mtllama_jax.kernels import triton as triton_kernels
 from mtllama_jax.kernels.validation import check_head_dim, check_inputs
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+# The logical names of the operands' axes, as the model constrains them.
+Q_AXES = ("batch", "length", "heads", "head_dim")
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 # Backends each platform (jax.default_backend()) can run.
 # 'interpret' runs the Triton kernels and 'tpu_interpret' the Mosaic TPU kernels in Pallas'
 # interpreter: slow, for tests on any platform.
@@ -205,21 +208,39 @@ def _local_attention(q, k, v, seg, *, causal, sm_scale, block_sizes, backend):
     return _flash(q, k, v, seg, static)[:, :seq]
 
 
+def _fit(spec, shape, mesh):
+    """`spec` keeping, per dimension, the mesh axes (size > 1) whose product divides it."""
+    fitted = []
+    for entry, dim in zip(spec, shape):
+        axes, size = [], 1
+        for axis in (entry,) if isinstance(entry, str) else entry or ():
+            n = mesh.shape.get(axis, 1)
+            if n > 1 and dim % (size * n) == 0:
+                axes.append(axis)
+                size *= n
+        fitted.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return fitted
+
+
 def _shard_specs(mesh, q, k):
-    """PartitionSpecs: batch over ('data','fsdp'), heads over 'tensor' where they divide."""
-    names = set(mesh.axis_names)
-    batch_axes, size = [], 1
-    for axis in BATCH_AXES:
-        if axis in names and mesh.shape[axis] > 1 and q.shape[0] % (size * mesh.shape[axis]) == 0:
-            batch_axes.append(axis)
-            size *= mesh.shape[axis]
-    batch = tuple(batch_axes) or None
-    heads = None
-    if HEAD_AXIS in names and mesh.shape[HEAD_AXIS] > 1:
-        t = mesh.shape[HEAD_AXIS]
-        if q.shape[2] % t == 0 and k.shape[2] % t == 0:
-            heads = HEAD_AXIS
-    return P(batch, None, heads, None), P(batch, None)
+    """PartitionSpecs of q, k/v and segment ids from the logical axis rules in effect.
+
+    Batch and heads split as the rules say, where the mesh axes divide them; q's
+    and kv's heads split alike or not at all (each shard keeps whole KV groups).
+    The kernels need whole sequences and heads, so rules splitting `length` or
+    `head_dim` are refused.
+    """
+    q_spec = _fit(nn.logical_to_mesh_axes(Q_AXES), q.shape, mesh)
+    kv_spec = _fit(nn.logical_to_mesh_axes(KV_AXES), k.shape, mesh)
+    for i in (1, 3):
+        if q_spec[i] or kv_spec[i]:
+            raise ValueError(
+                f"flash_attention needs whole {Q_AXES[i]!r} per device, but the logical axis "
+                f"rules split it over {q_spec[i] or kv_spec[i]!r}; drop that rule"
+            )
+    if q_spec[2] != kv_spec[2]:
+        q_spec[2] = kv_spec[2] = None
+    return P(*q_spec), P(*kv_spec), P(q_spec[0], None)
 
 
 def flash_attention(
@@ -246,21 +267,21 @@ def flash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return local(q, k, v, segment_ids)
-    qkv_spec, seg_spec = _shard_specs(mesh, q, k)
+    q_spec, kv_spec, seg_spec = _shard_specs(mesh, q, k)
     if segment_ids is None:
         fn = jax.shard_map(
             lambda q, k, v: local(q, k, v, None),
             mesh=mesh,
-            in_specs=(qkv_spec,) * 3,
-            out_specs=qkv_spec,
+            in_specs=(q_spec, kv_spec, kv_spec),
+            out_specs=q_spec,
             check_vma=False,
         )
         return fn(q, k, v)
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(qkv_spec,) * 3 + (seg_spec,),
-        out_specs=qkv_spec,
+        in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+        out_specs=q_spec,
         check_vma=False,
     )
     return fn(q, k, v, segment_ids)

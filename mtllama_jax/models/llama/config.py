@@ -3,7 +3,9 @@
 The architecture fields mirror Hugging Face's `config.json` (LLaMA-1, LLaMA-2
 with grouped-query attention, LLaMA-3/3.1 with `llama3` rope scaling, tied or
 untied embeddings); `from_hf`/`to_hf` read and write it, checking what a LLaMA
-must state. `dtype`, `param_dtype`, `attention` and `remat` are this project's own.
+must state. `dtype`, `param_dtype`, `attention`, `remat` and `cpu_forms` are this
+project's own (`cpu_forms` is never written to config.json: whoever builds the config
+chooses it for the machine it runs on).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from mtllama_jax.kernels.registry import ATTENTION
+from mtllama_jax.models.hf import read_hf_config
+
 # Compute dtypes eval and chat take instead of config.json's (hf-to-jax writes bfloat16;
 # MT-LLaMA's released evaluation ran in float16).
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("xla", "cudnn", "pallas")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = {
     "none": None,
@@ -53,7 +57,9 @@ class LlamaConfig:
 
     The architecture fields mirror Hugging Face's `config.json`; `dtype`
     (activations), `param_dtype` (stored weights), `attention` (backend),
-    `remat` (rematerialisation policy by name) are this project's own.
+    `remat` (rematerialisation policy by name) are this project's own, and
+    `cpu_forms` picks the model's CPU spellings (see `models/llama/model.py`):
+    the jobs set it when JAX's default backend is the CPU.
     """
 
     vocab_size: int = 32000
@@ -76,6 +82,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
+    cpu_forms: bool = False
 
     def __post_init__(self):
         def fail(field, value, fix):
@@ -100,8 +107,8 @@ class LlamaConfig:
                 self.num_kv_heads,
                 f"num_heads ({self.num_heads}) must be a multiple of it",
             )
-        if self.attention not in ATTENTION_BACKENDS:
-            fail("attention", self.attention, f"choose one of {ATTENTION_BACKENDS}")
+        if self.attention not in ATTENTION:
+            fail("attention", self.attention, f"choose one of {tuple(ATTENTION)}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", self.remat, f"choose one of {tuple(REMAT_POLICIES)}")
         for field in ("dtype", "param_dtype"):
@@ -120,17 +127,25 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def num_params(self) -> int:
-        """Parameter count (embeddings and LM head included)."""
+    def matmul_params(self) -> int:
+        """Weights that multiply activations: every projection and the LM head (tied or not).
+
+        The embedding lookup and the norm scales are not products; training FLOPs count these.
+        """
         e, m, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * e * m + 2 * e
-        head = 0 if self.tie_word_embeddings else e * self.vocab_size
-        return self.num_layers * layer + self.vocab_size * e + e + head
+        return self.num_layers * (attn + 3 * e * m) + e * self.vocab_size
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of the initialised model (embeddings and LM head included)."""
+        table = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return self.matmul_params + table + norms
 
     @classmethod
     def tiny(cls, **overrides) -> "LlamaConfig":
-        """A config small enough for CPU tests and the demo."""
+        """A config small enough for CPU tests and the demo (CPU forms on a CPU backend)."""
         base = dict(
             vocab_size=512,
             hidden_size=64,
@@ -141,28 +156,28 @@ class LlamaConfig:
             head_dim=16,
             max_position_embeddings=256,
             dtype="float32",
+            cpu_forms=jax.default_backend() == "cpu",
         )
         base.update(overrides)
         return cls(**base)
 
     @classmethod
     def from_hf(
-        cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
+        cls,
+        path_or_dict: str | os.PathLike | Mapping[str, Any],
+        *,
+        source: str | None = None,
+        **overrides,
     ) -> "LlamaConfig":
         """Reads a Hugging Face LLaMA `config.json` (a path, its folder, or the dict).
 
         Accepts both the `rope_theta`/`rope_scaling` keys of transformers 4 and the
         `rope_parameters` key of transformers 5. `overrides` set this project's
-        own fields (dtype, attention, ...).
+        own fields (dtype, attention, cpu_forms, ...); `source` names a dict's file in
+        errors. `mtllama_jax.models.config_from_hf` reaches it by `model_type`.
         """
-        source = "config dict"
-        if isinstance(path_or_dict, Mapping):
-            hf = dict(path_or_dict)
-        else:
-            source = os.fspath(path_or_dict)
-            if os.path.isdir(source):
-                source = os.path.join(source, "config.json")
-            hf = read_config_json(source)
+        hf, read_from = read_hf_config(path_or_dict)
+        source = source or read_from
         missing = [k for k in _REQUIRED_HF_FIELDS if k not in hf]
         if missing:
             raise ValueError(
@@ -268,21 +283,6 @@ class LlamaConfig:
             "mlp_bias": False,
             "torch_dtype": self.param_dtype,
         }
-
-
-def read_config_json(path: str) -> dict:
-    """A config.json as a dict; invalid JSON, or JSON that is not an object, names the file."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        hf = json.loads(text)
-    except ValueError as e:
-        raise ValueError(
-            f"{path} is not valid JSON ({e}); copy it again from the model's files"
-        ) from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path} holds {type(hf).__name__}, not a JSON object of config fields")
-    return hf
 
 
 def _single_id(value):

@@ -1,7 +1,7 @@
 """The LLaMA decoder in Flax linen: LLaMA-1, LLaMA-2 (grouped-query) and LLaMA-3.
 
 One readable file, in the layout of Hugging Face's `LlamaForCausalLM` so its
-weights map one to one (see `mtllama_jax.convert.hf_params`):
+weights map one to one (see `hf_names.py` beside this file):
 
     embed/embedding                          [vocab, embed]
     layers/attention_norm/scale              [layers, embed]
@@ -17,11 +17,14 @@ Every parameter is boxed with its logical axis names (the names in brackets
 above); `mtllama_jax.partitioning` maps them onto a device mesh. Layers are
 stacked with `nn.scan`, so compile time does not grow with depth.
 
-On CPU three spellings differ (`cpu_forms`): a shallow layer stack is unrolled,
-projections are 2-D matmuls, and attention puts query rows head-major before
-its products. They compute the same values with the same parameters; each
-avoids copies XLA:CPU would otherwise make (see benchmarks/RESULTS.md, "Train
-step"). Accelerators keep the forms above.
+With `config.cpu_forms` (the jobs set it on a CPU backend) three spellings
+differ: a shallow layer stack is unrolled, projections are 2-D matmuls, and
+attention puts query rows head-major before its products. They compute the same
+values with the same parameters; each avoids copies XLA:CPU would otherwise make
+(see benchmarks/RESULTS.md, "Train step"). Accelerators keep the forms above.
+
+Attention comes from the registry `mtllama_jax.kernels.registry.ATTENTION` by
+`config.attention`; decoding attends over the cache with its plain-JAX form.
 
 Packed rows carry `segment_ids` (1, 2, ... per example, 0 for padding) and
 `positions` that restart at 0 in each segment: a token attends only to earlier
@@ -29,7 +32,8 @@ tokens of its own segment, and rotary embeddings see per-segment positions.
 
 Decoding keeps a KV cache in the `cache` collection (`decode=True`): each call
 writes its tokens at `cache_index` and attends to earlier slots of the same
-segment, so left padding is simply segment 0. `init_cache` builds an empty one.
+segment, so left padding is simply segment 0. `model.init(..., decode=True)`
+returns an empty one (zeros) of the length it was called with.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from mtllama_jax.config import REMAT_POLICIES, LlamaConfig, rope_type
+from mtllama_jax.kernels.reference import attention_mask, dot_product_attention
+from mtllama_jax.kernels.registry import attention_fn
+from mtllama_jax.models.llama.config import REMAT_POLICIES, LlamaConfig, rope_type
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "init_cache"]
+__all__ = ["LlamaForCausalLM", "lm_head_logits"]
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -88,40 +94,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_offset=0):
-    """[batch, q_len, kv_len] bool: same segment and not in the future (by slot index)."""
-    q_index = q_offset + jnp.arange(q_segment_ids.shape[1])
-    kv_index = jnp.arange(kv_segment_ids.shape[1])
-    causal = kv_index[None, :] <= q_index[:, None]
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return causal[None] & same
-
-
-def xla_attention(q, k, v, mask, sm_scale):
-    """Plain-JAX attention with grouped KV heads; softmax in fp32.
-
-    q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, t, s] bool.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores, mix = "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
-    head_major = cpu_forms()
-    if head_major:
-        # Query rows head-major ([b, kv, group, t, d]): each product is then a batched
-        # matmul already in [..., t, s] order, and XLA:CPU moves the small q and out
-        # tensors instead of the [t, s] scores (5-7% of the tiny CPU train step).
-        q = q.transpose(0, 2, 3, 1, 4)
-        scores, mix = "bkgtd,bskd->bkgts", "bkgts,bskd->bkgtd"
-    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32) * sm_scale
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum(mix, weights, v)
-    if head_major:
-        out = out.transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, t, h, d)
-
-
 @jax.custom_vjp
 def lm_head_logits(x, kernel):
     """fp32 logits x @ kernel ([..., embed] x [embed, vocab]) whose backward stays in x's dtype.
@@ -154,11 +126,6 @@ lm_head_logits.defvjp(_lm_head_fwd, _lm_head_bwd)
 MAX_UNROLLED_CPU_LAYERS = 8
 
 
-def cpu_forms() -> bool:
-    """Whether the model is traced in its CPU forms (JAX's default backend is the CPU)."""
-    return jax.default_backend() == "cpu"
-
-
 def layer_unroll(config: LlamaConfig) -> int:
     """How many layers `nn.scan` unrolls: all of a shallow stack on CPU, otherwise 1.
 
@@ -168,7 +135,7 @@ def layer_unroll(config: LlamaConfig) -> int:
     more than a third of a train step. Accelerators keep the loop (one compiled
     layer body whatever the depth).
     """
-    if cpu_forms() and config.num_layers <= MAX_UNROLLED_CPU_LAYERS:
+    if config.cpu_forms and config.num_layers <= MAX_UNROLLED_CPU_LAYERS:
         return config.num_layers
     return 1
 
@@ -219,7 +186,7 @@ class Projection(nn.Module):
         )
         dtype = jnp.dtype(c.dtype)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if cpu_forms():
+        if c.cpu_forms:
             # XLA:CPU wraps a contraction over several named axes in copies that
             # transpose the gradients, the weights and the weight gradient; the same
             # product as one 2-D matmul needs none (1.2x on the tiny CPU train step).
@@ -283,19 +250,9 @@ class Attention(nn.Module):
 
         if self.decode:
             out = self._cached_attention(q, k, v, segment_ids, sm_scale)
-        elif c.attention == "pallas":
-            from mtllama_jax import kernels  # imported lazily: only this backend needs it
-
-            out = kernels.flash_attention(
-                q, k, v, segment_ids=segment_ids, causal=True, sm_scale=sm_scale
-            )
-        elif c.attention == "cudnn":
-            mask = attention_mask(segment_ids, segment_ids)[:, None]
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=sm_scale, implementation="cudnn"
-            )
         else:
-            out = xla_attention(q, k, v, attention_mask(segment_ids, segment_ids), sm_scale)
+            attend = attention_fn(c.attention, cpu_forms=c.cpu_forms)
+            out = attend(q, k, v, segment_ids, sm_scale)
         out = nn.with_logical_constraint(out, heads)
         return Projection(c, ("heads", "head_dim"), (c.hidden_size,), ("embed",), name="o_proj")(
             out
@@ -320,8 +277,10 @@ class Attention(nn.Module):
             jnp.int32,
         )
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        head_major = self.config.cpu_forms
         if initialising:  # shapes only: the cache spans the length init was called with
-            return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids), sm_scale)
+            mask = attention_mask(segment_ids, segment_ids)
+            return dot_product_attention(q, k, v, mask, sm_scale, head_major=head_major)
         index = cache_index.value
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
@@ -330,7 +289,9 @@ class Attention(nn.Module):
         )
         cache_index.value = index + length
         mask = attention_mask(segment_ids, cached_segments.value, q_offset=index)
-        return xla_attention(q, cached_key.value, cached_value.value, mask, sm_scale)
+        return dot_product_attention(
+            q, cached_key.value, cached_value.value, mask, sm_scale, head_major=head_major
+        )
 
 
 class MLP(nn.Module):
@@ -411,11 +372,3 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = LMHead(c, name="lm_head")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-
-
-def init_cache(config: LlamaConfig, batch: int, max_length: int):
-    """An empty KV cache for `batch` rows of up to `max_length` slots (no params built)."""
-    model = LlamaForCausalLM(config)
-    tokens = jnp.zeros((batch, max_length), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True)["cache"])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
