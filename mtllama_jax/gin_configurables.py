@@ -5,6 +5,7 @@ Library code never imports gin; entry points (`mtllama-train`, `mtllama-eval`,
 """
 
 import collections.abc
+import dataclasses
 import pathlib
 import types
 import typing
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import gin
 from mtllama_jax import config as model_config
-from mtllama_jax import partitioning
+from mtllama_jax import partitioning, train_options
 
 # The presets: models/ (architectures), mesh/ (mesh sizes), runs/ (what to run).
 # Entry points put this folder on gin's search path, so `--gin_file=runs/demo.gin`
@@ -25,6 +26,25 @@ LlamaConfig = gin.external_configurable(model_config.LlamaConfig, name="LlamaCon
 def model_config_from_gin() -> model_config.LlamaConfig:
     """The LlamaConfig that the parsed gin files describe."""
     return LlamaConfig()
+
+
+# `train.run`'s option groups, bound by their class names (gin/runs/finetune.gin).
+_OPTIONS = {
+    cls: gin.external_configurable(cls, name=cls.__name__)
+    for cls in (
+        train_options.LossOptions,
+        train_options.NonfinitePolicy,
+        train_options.CheckpointPolicy,
+        train_options.LoopPeriods,
+    )
+}
+
+
+def options_from_gin(cls):
+    """The option group `cls` (a `train_options` class) that the parsed gin files describe."""
+    options = _OPTIONS[cls]()
+    check_argument_types(cls.__name__, cls, dataclasses.asdict(options))
+    return options
 
 
 @gin.configurable
