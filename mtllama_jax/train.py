@@ -41,6 +41,7 @@ from mtllama_jax import (
     trainer,
 )
 from mtllama_jax.config import LlamaConfig
+from mtllama_jax.env import gin_or_env
 from mtllama_jax.gin_configurables import (
     check_argument_types,
     mesh,
@@ -338,7 +339,7 @@ def train(
         yield from it
 
     task_names, task_groups = (), None
-    data_cache = data_cache or os.environ.get(DATA_CACHE_ENV)
+    data_cache = gin_or_env(data_cache, DATA_CACHE_ENV)
     if data_cache:
         batches, task_names, task_groups = _cached_batches(
             data_cache, mixture_or_task_name, sequence_length, rows, seed, data_workers
