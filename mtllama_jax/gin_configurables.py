@@ -1,7 +1,8 @@
 """The classes and functions gin files may configure, registered once for every entry point.
 
 Library code never imports gin; entry points (`mtllama-train`, `mtllama-eval`,
-...) import this module so that `gin/models/*.gin` can bind `LlamaConfig.*`.
+...) import this module so that `gin/models/*.gin` can bind `LlamaConfig.*` and
+`gin/runs/*.gin` the training run's option groups (`mtllama_jax/train_options.py`).
 """
 
 import collections.abc
