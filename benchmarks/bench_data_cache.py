@@ -243,6 +243,9 @@ def main():
     p.add_argument("--seqio_tasks", type=int, default=40, help="tasks tokenised by seqio")
     p.add_argument("--root", help="keep the fixture and cache here (reused when present)")
     a = p.parse_args()
+    from mtllama_jax import launch
+
+    launch.hide_gpus_from_tensorflow()  # TF reads the data; JAX keeps the accelerators
     if a.root:
         os.makedirs(a.root, exist_ok=True)
         run(a, a.root)

@@ -115,6 +115,9 @@ def main():
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--rows", type=int, default=200, help="examples per fixture task")
     a = p.parse_args()
+    from mtllama_jax import launch
+
+    launch.hide_gpus_from_tensorflow()  # TF reads the data; JAX keeps the accelerators
     with tempfile.TemporaryDirectory() as root:
         write_tokenizer(os.path.join(root, "tokenizer.model"))
         os.environ["MTLLAMA_TOKENIZER"] = os.path.join(root, "tokenizer.model")

@@ -43,6 +43,7 @@ from mtllama_jax import (
     data,
     decoding,
     evaluation,
+    launch,
     optim,
     partitioning,
     taskemb,
@@ -303,6 +304,7 @@ def main():
         "--tables-only", action="store_true", help="print the tables of --out/results.json and exit"
     )
     args = parser.parse_args()
+    launch.hide_gpus_from_tensorflow()  # TF reads the data; JAX keeps the accelerators
     results = {}
     for name in sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []:
         if name.startswith("results_seed") and name.endswith(".json"):

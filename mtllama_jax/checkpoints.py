@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 from mtllama_jax import atomic
 from mtllama_jax.models.hf import read_config_json
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.train_state import TrainState
 
 TOKENIZER_MODEL = "tokenizer.model"
@@ -58,27 +59,19 @@ class TrainCheckpoints:
     loss was finite, so a run gone bad never rotates its last good state away.
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        every_steps: int | None = 1000,
-        every_minutes: float | None = None,
-        keep: int | None = 3,
-        async_save: bool = True,
-    ):
+    def __init__(self, model_dir: str, policy: CheckpointPolicy = CheckpointPolicy()):
         policies = []
-        if every_steps:
-            policies.append(_policies.FixedIntervalPolicy(int(every_steps)))
-        if every_minutes:
-            policies.append(_EveryMinutes(every_minutes))
+        if policy.every_steps:
+            policies.append(_policies.FixedIntervalPolicy(int(policy.every_steps)))
+        if policy.every_minutes:
+            policies.append(_EveryMinutes(policy.every_minutes))
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=policy.async_save,
             save_decision_policy=_policies.AnySavePolicy(policies)
             if policies
             else _policies.SpecificStepsPolicy(()),
             preservation_policy=_policies.AnyPreservationPolicy(
-                [_policies.LatestN(keep), _NewestFinite()]
+                [_policies.LatestN(policy.keep), _NewestFinite()]
             ),
             best_fn=_step_of,  # only so that Orbax records each step's metrics
             cleanup_tmp_directories=True,

@@ -35,8 +35,7 @@ def checkpoint_vocabulary(tokenizer_path: str):
     """The registered tasks' vocabulary, pointed at the checkpoint's tokenizer.model."""
     from mtllama_jax import vocab
 
-    os.environ[vocab.TOKENIZER_ENV] = tokenizer_path  # gin's tokenizer_settings.path wins
-    return vocab.configured_vocabulary()
+    return vocab.configured_vocabulary().use_checkpoint_tokenizer(tokenizer_path)
 
 
 @gin.configurable

@@ -6,8 +6,8 @@ way a job can end has its own code, so a scheduler can tell them apart:
 
     0    finished
     2    error: the message names the file, field or flag and the fix
-    3    training stopped on non-finite losses (train.nonfinite='stop', or more
-         skipped steps than train.max_consecutive_skips / max_skipped_fraction)
+    3    training stopped on non-finite losses (NonfinitePolicy.action='stop', or more
+         skipped steps than NonfinitePolicy.max_consecutive_skips / max_skipped_fraction)
     4    training preempted by SIGTERM/SIGINT; the current step is saved, rerun to continue
     5    evaluation: every requested set was skipped (no data found)
     6    MODEL_DIR is held by another run (its host and pid are named)

@@ -1,10 +1,12 @@
 """The classes and functions gin files may configure, registered once for every entry point.
 
 Library code never imports gin; entry points (`mtllama-train`, `mtllama-eval`,
-...) import this module so that `gin/models/*.gin` can bind `LlamaConfig.*`.
+...) import this module so that `gin/models/*.gin` can bind `LlamaConfig.*` and
+`gin/runs/*.gin` the training run's option groups (`mtllama_jax/train_options.py`).
 """
 
 import collections.abc
+import dataclasses
 import pathlib
 import types
 import typing
@@ -13,7 +15,7 @@ from typing import Sequence
 import jax
 
 import gin
-from mtllama_jax import partitioning
+from mtllama_jax import partitioning, train_options
 from mtllama_jax.models.llama import config as model_config
 
 # The presets: models/ (architectures), mesh/ (mesh sizes), runs/ (what to run).
@@ -27,6 +29,25 @@ LlamaConfig = gin.external_configurable(model_config.LlamaConfig, name="LlamaCon
 def model_config_from_gin() -> model_config.LlamaConfig:
     """The LlamaConfig that the parsed gin files describe, in CPU forms on a CPU backend."""
     return LlamaConfig(cpu_forms=jax.default_backend() == "cpu")
+
+
+# `train.run`'s option groups, bound by their class names (gin/runs/finetune.gin).
+_OPTIONS = {
+    cls: gin.external_configurable(cls, name=cls.__name__)
+    for cls in (
+        train_options.LossOptions,
+        train_options.NonfinitePolicy,
+        train_options.CheckpointPolicy,
+        train_options.LoopPeriods,
+    )
+}
+
+
+def options_from_gin(cls):
+    """The option group `cls` (a `train_options` class) that the parsed gin files describe."""
+    options = _OPTIONS[cls]()
+    check_argument_types(cls.__name__, cls, dataclasses.asdict(options))
+    return options
 
 
 @gin.configurable

@@ -74,23 +74,19 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 def configure_logs(verbose: bool, *, uses_tensorflow: bool = True) -> None:
     """Quiets other libraries' logs unless `verbose`; call before TensorFlow is imported.
 
+    A job that `uses_tensorflow` hides the GPUs from it here (`hide_gpus_from_tensorflow`).
     TensorFlow (2.19 and later) writes its start-up lines to stderr whatever
-    TF_CPP_MIN_LOG_LEVEL says, so a job that uses it imports it here with stderr
-    silenced, and hides the GPUs from it (JAX owns the accelerators; TF only reads
-    data), which is where it probes CUDA.
+    TF_CPP_MIN_LOG_LEVEL says, so without `verbose` that first import runs with
+    stderr silenced (it is where TF probes CUDA).
     """
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if uses_tensorflow:
+        with contextlib.nullcontext() if verbose else _stderr_silenced():
+            hide_gpus_from_tensorflow()
     if verbose:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if uses_tensorflow:
-        with _stderr_silenced():
-            import tensorflow as tf
-
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:  # TF already initialised its devices; leave them be.
-                pass
     logging.getLogger().setLevel(logging.ERROR)
     for name in _OWN_LEVEL_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -99,6 +95,20 @@ def configure_logs(verbose: bool, *, uses_tensorflow: bool = True) -> None:
         own.setLevel(logging.WARNING)  # the root's default level, kept for our messages
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module="mtllama_jax")
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """TensorFlow reads data on the host; JAX owns the accelerators.
+
+    Every job that reads data calls this (through `configure_logs`) before
+    TensorFlow makes its devices; later calls change nothing.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices; leave them be.
+        pass
 
 
 @contextlib.contextmanager

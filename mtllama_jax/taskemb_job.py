@@ -192,7 +192,7 @@ def _point_tasks_at(tokenizer: str | None) -> None:
     from mtllama_jax import vocab
 
     if tokenizer:
-        os.environ[vocab.TOKENIZER_ENV] = tokenizer
+        vocab.configured_vocabulary().use_checkpoint_tokenizer(tokenizer)
 
 
 def _model(folder, mesh_, rules, config, params, task, max_new_tokens, batch_size):

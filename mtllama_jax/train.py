@@ -11,8 +11,10 @@ the package's `gin/` folder), `--gin.NAME=VALUE` (repeatable gin bindings),
 
 Gin binds three configurables here, documented in their docstrings: `train`
 (what to run), `mesh` (device mesh and sharding rules) and `optimizer`; plus
-`LlamaConfig` (gin/models/*.gin). `run` is the same job with plain arguments
-and any batch source; tests and scripts call it without gin.
+`LlamaConfig` (gin/models/*.gin) and the option groups of `train_options`
+(`LossOptions`, `NonfinitePolicy`, `CheckpointPolicy`, `LoopPeriods`). `run` is
+the same job with plain arguments and any batch source; tests and scripts call
+it without gin.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ from mtllama_jax import (
     run_lock,
     trainer,
 )
-from mtllama_jax.gin_configurables import check_argument_types, mesh, model_config_from_gin
+from mtllama_jax.env import gin_or_env
+from mtllama_jax.gin_configurables import (
+    check_argument_types,
+    mesh,
+    model_config_from_gin,
+    options_from_gin,
+)
 from mtllama_jax.launch import parse_gin
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods, LossOptions, NonfinitePolicy
 
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 DATA_CACHE_ENV = "MTLLAMA_DATA_CACHE"
@@ -100,7 +109,8 @@ def run(
     A fresh run starts from `init_checkpoint` (a params-only folder) or from
     random params drawn from `seed`. MODEL_DIR is locked for the run's life
     (`run_lock`): a second run on it is refused. Keyword arguments as
-    `_run_locked`'s. Returns (state, "done" | "preempted" | "nonfinite").
+    `_run_locked`'s; the option groups are `train_options`'. Returns
+    (state, "done" | "preempted" | "nonfinite").
     """
     with run_lock.ModelDirLock(model_dir):
         return _run_locked(
@@ -119,16 +129,10 @@ def _run_locked(
     seed: int = 0,
     init_checkpoint: str | None = None,
     microbatches: int = 1,
-    loss_normalization: str = "token",
-    z_loss: float = 0.0,
-    nonfinite: str = "skip",
-    max_consecutive_skips: int | None = 10,
-    max_skipped_fraction: float | None = 0.1,
-    checkpoint_every_steps: int | None = 1000,
-    checkpoint_every_minutes: float | None = None,
-    keep_checkpoints: int | None = 3,
-    log_every_steps: int = 10,
-    eval_every_steps: int = 0,
+    loss: LossOptions = LossOptions(),
+    nonfinite: NonfinitePolicy = NonfinitePolicy(),
+    checkpointing: CheckpointPolicy = CheckpointPolicy(),
+    periods: LoopPeriods = LoopPeriods(),
     validation: Callable[[], Sequence[Mapping[str, np.ndarray]]] | None = None,
     eval_hook=None,
     sequence_length: int | None = None,
@@ -149,17 +153,12 @@ def _run_locked(
         tx,
         schedule=schedule,
         microbatches=microbatches,
-        normalize=loss_normalization,
-        z_loss=z_loss,
-        nonfinite=nonfinite,
+        normalize=loss.normalization,
+        z_loss=loss.z_loss,
+        nonfinite=nonfinite.action,
         num_tasks=len(task_names),
     )
-    ckpt = checkpoints.TrainCheckpoints(
-        model_dir,
-        every_steps=checkpoint_every_steps,
-        every_minutes=checkpoint_every_minutes,
-        keep=keep_checkpoints,
-    )
+    ckpt = checkpoints.TrainCheckpoints(model_dir, checkpointing)
     state = ckpt.restore_latest(step_fn.abstract_restore_target())
     latest = None if state is None else int(jax.device_get(state.step))
     if state is None:
@@ -192,14 +191,13 @@ def _run_locked(
                 num_steps,
                 checkpoints=ckpt,
                 writer=writer,
-                log_every=log_every_steps,
-                eval_every=eval_every_steps,
+                periods=periods,
                 validation=validation,
                 eval_hook=eval_hook,
                 stop_requested=watch.requested,
                 waiting=watch.waiting,
-                max_consecutive_skips=max_consecutive_skips,
-                max_skipped_fraction=max_skipped_fraction,
+                max_consecutive_skips=nonfinite.max_consecutive_skips,
+                max_skipped_fraction=nonfinite.max_skipped_fraction,
             )
     finally:
         writer.close()
@@ -252,7 +250,7 @@ def _load_init_params(path: str, config: LlamaConfig, shardings):
 
 @gin.configurable(denylist=["config", "mesh_and_rules"])
 def zero_shot_hook(config, mesh_and_rules, evaluate: Callable | None = None):
-    """Binds the periodic zero-shot evaluation into the loop (`train.eval_every_steps`).
+    """Binds the periodic zero-shot evaluation into the loop (`LoopPeriods.eval_every_steps`).
 
     Args:
       evaluate: a plain function `evaluate(params, step, config, mesh, rules) ->
@@ -274,16 +272,6 @@ def train(
     seed: int = 0,
     init_checkpoint: str | None = None,
     microbatches: int = 1,
-    loss_normalization: str = "token",
-    z_loss: float = 0.0,
-    nonfinite: str = "skip",
-    max_consecutive_skips: int | None = 10,
-    max_skipped_fraction: float | None = 0.1,
-    checkpoint_every_steps: int | None = 1000,
-    checkpoint_every_minutes: float | None = None,
-    keep_checkpoints: int | None = 3,
-    log_every_steps: int = 10,
-    eval_every_steps: int = 0,
     validation_split: str | None = "validation",
     validation_batches: int = 10,
     tokenizer_files: Sequence[str] = (),
@@ -291,6 +279,9 @@ def train(
     data_workers: int | None = None,
 ):
     """The training job (gin/runs/*.gin). Returns why it ended: done, preempted, nonfinite.
+
+    The option groups of `mtllama_jax/train_options.py` are bound by their own
+    names: `LossOptions.*`, `NonfinitePolicy.*`, `CheckpointPolicy.*`, `LoopPeriods.*`.
 
     Args:
       model_dir: where checkpoints, config.json, tokenizer, config.gin and metrics go;
@@ -303,19 +294,8 @@ def train(
       init_checkpoint: a params-only folder (`mtllama-convert hf-to-jax`) to start from;
         None for random init. Ignored once MODEL_DIR has a checkpoint.
       microbatches: gradient accumulation: the batch is split into this many.
-      loss_normalization: "token" (every response token counts the same) or "sequence"
-        (every example counts the same).
-      z_loss: weight of the log(Z)^2 penalty (0 turns it off).
-      nonfinite: on a NaN/Inf loss or gradient, "skip" the step (counted) or "stop"
-        after saving the last good state.
-      max_consecutive_skips / max_skipped_fraction: under "skip", this many skipped steps
-        in a row, or more than this fraction of the run's steps (judged from its 20th
-        step), stop the run as "stop" does (exit code 3); None turns a bound off.
-      checkpoint_every_steps / checkpoint_every_minutes / keep_checkpoints: async save
-        policy (either trigger saves) and how many checkpoints to keep (None: all).
-      log_every_steps: train metrics period.
-      eval_every_steps: period of validation loss and of the zero-shot hook (0: never).
-      validation_split: split of the mixture for teacher-forced validation loss (None: off).
+      validation_split: split of the mixture for teacher-forced validation loss every
+        `LoopPeriods.eval_every_steps` (None: off).
       validation_batches: batches per validation.
       tokenizer_files: files copied into MODEL_DIR; by default the SentencePiece model
         of the mixture's vocabulary.
@@ -329,6 +309,9 @@ def train(
     from mtllama_jax import data  # seqio and TF: only the entry point needs them
 
     check_argument_types("train", train, locals())
+    loss, nonfinite, checkpointing, periods = (
+        options_from_gin(c) for c in (LossOptions, NonfinitePolicy, CheckpointPolicy, LoopPeriods)
+    )
     config = model_config_from_gin()
     mesh_and_rules = mesh()
     processes = jax.process_count()
@@ -356,14 +339,14 @@ def train(
         yield from it
 
     task_names, task_groups = (), None
-    data_cache = data_cache or os.environ.get(DATA_CACHE_ENV)
+    data_cache = gin_or_env(data_cache, DATA_CACHE_ENV)
     if data_cache:
         batches, task_names, task_groups = _cached_batches(
             data_cache, mixture_or_task_name, sequence_length, rows, seed, data_workers
         )
 
     validation = None
-    if eval_every_steps and validation_split:
+    if periods.eval_every_steps and validation_split:
 
         def validation():
             return list(_take(stream(validation_split, 0), validation_batches))
@@ -378,16 +361,10 @@ def train(
         seed=seed,
         init_checkpoint=init_checkpoint,
         microbatches=microbatches,
-        loss_normalization=loss_normalization,
-        z_loss=z_loss,
+        loss=loss,
         nonfinite=nonfinite,
-        max_consecutive_skips=max_consecutive_skips,
-        max_skipped_fraction=max_skipped_fraction,
-        checkpoint_every_steps=checkpoint_every_steps,
-        checkpoint_every_minutes=checkpoint_every_minutes,
-        keep_checkpoints=keep_checkpoints,
-        log_every_steps=log_every_steps,
-        eval_every_steps=eval_every_steps,
+        checkpointing=checkpointing,
+        periods=periods,
         validation=validation,
         eval_hook=zero_shot_hook(config, mesh_and_rules),
         sequence_length=sequence_length,

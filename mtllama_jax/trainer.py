@@ -32,9 +32,9 @@ from mtllama_jax import losses, partitioning, train_state
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.preemption import Preempted
+from mtllama_jax.train_options import NONFINITE_ACTIONS, LoopPeriods
 
 BATCH_FEATURES = ("input_tokens", "target_tokens", "positions", "segment_ids", "loss_weights")
-NONFINITE_POLICIES = ("skip", "stop")
 
 
 class Trainer:
@@ -55,14 +55,14 @@ class Trainer:
         num_tasks: int = 0,
     ):
         """`num_tasks` > 0: batches carry `task_ids` and steps report loss per task."""
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"train.nonfinite={nonfinite!r}: choose one of {NONFINITE_POLICIES}")
+        if nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"Trainer nonfinite={nonfinite!r}: choose one of {NONFINITE_ACTIONS}")
         if normalize not in losses.NORMALIZATIONS:
             raise ValueError(
-                f"train.loss_normalization={normalize!r}: choose one of {losses.NORMALIZATIONS}"
+                f"Trainer normalize={normalize!r}: choose one of {losses.NORMALIZATIONS}"
             )
         if microbatches < 1:
-            raise ValueError(f"train.microbatches={microbatches}: must be >= 1")
+            raise ValueError(f"Trainer microbatches={microbatches}: must be >= 1")
         self.config, self.mesh, self.rules, self.tx = config, mesh, rules, tx
         self.schedule = schedule
         self.microbatches = microbatches
@@ -293,8 +293,7 @@ def train_loop(
     *,
     checkpoints=None,
     writer=None,
-    log_every: int = 10,
-    eval_every: int = 0,
+    periods: LoopPeriods = LoopPeriods(),
     validation: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
     eval_hook: Callable[[Any, int], Mapping[str, float]] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
@@ -307,14 +306,16 @@ def train_loop(
     `batches` yields this process's rows for steps state.step, state.step + 1, ...
     `checkpoints` (a `checkpoints.TrainCheckpoints`) saves on its schedule, on
     `stop_requested()` (preemption) and at the end. `writer` (a
-    `metrics.MetricsWriter`) gets train metrics every `log_every` steps and
-    validation (`validation()` batches) / `eval_hook(params, step)` results
-    every `eval_every` steps. `waiting()` wraps each wait for data (a signal
-    there raises `preemption.Preempted`: the run saves and ends at once).
+    `metrics.MetricsWriter`) gets train metrics every `periods.log_every_steps`
+    steps and validation (`validation()` batches) / `eval_hook(params, step)`
+    results every `periods.eval_every_steps` steps. `waiting()` wraps each wait
+    for data (a signal there raises `preemption.Preempted`: the run saves and
+    ends at once).
     Under nonfinite="skip", `max_consecutive_skips` skipped steps in a row, or
     more than a `max_skipped_fraction` of this run's steps (judged from its
     20th), end it as "stop" would. Ends with "done", "preempted" or "nonfinite".
     """
+    log_every, eval_every = periods.log_every_steps, periods.eval_every_steps
     step = int(jax.device_get(state.step))
     stop_each_step = trainer.nonfinite == "stop"
     batches = iter(batches)
@@ -401,7 +402,7 @@ class SkipLimit:
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             why = (
                 f"{self.consecutive} steps in a row had a non-finite loss or gradient "
-                f"(train.max_consecutive_skips={self.max_consecutive})"
+                f"(NonfinitePolicy.max_consecutive_skips={self.max_consecutive})"
             )
         elif (
             self.max_fraction is not None
@@ -410,7 +411,7 @@ class SkipLimit:
         ):
             why = (
                 f"{self.skipped} of {self.steps} steps had a non-finite loss or gradient "
-                f"(train.max_skipped_fraction={self.max_fraction})"
+                f"(NonfinitePolicy.max_skipped_fraction={self.max_fraction})"
             )
         if why and jax.process_index() == 0:
             print(

@@ -23,6 +23,7 @@ import seqio
 import tensorflow as tf
 
 import gin
+from mtllama_jax.env import gin_or_env
 
 LLAMA_IDS = {"unk": 0, "bos": 1, "eos": 2}
 TOKENIZER_ENV = "MTLLAMA_TOKENIZER"
@@ -150,15 +151,20 @@ class LlamaVocabulary(seqio.SentencePieceVocabulary):
         )
 
 
-@gin.configurable
-def tokenizer_settings(path: str | None = None, mtllama_quirks: bool | None = None):
+@gin.configurable(denylist=["checkpoint_path"])
+def tokenizer_settings(
+    path: str | None = None,
+    mtllama_quirks: bool | None = None,
+    checkpoint_path: str | None = None,
+):
     """(tokenizer.model path, mtllama_quirks) of the registered tasks.
 
     gin (`tokenizer_settings.path`, `tokenizer_settings.mtllama_quirks`) wins over
+    the checkpoint's tokenizer a job gives (`checkpoint_path`), which wins over
     the environment (`MTLLAMA_TOKENIZER`, `MTLLAMA_QUIRKS=1`). Read when a task's
     data is first tokenised, never at import.
     """
-    path = path or os.environ.get(TOKENIZER_ENV)
+    path = gin_or_env(path or checkpoint_path, TOKENIZER_ENV)
     if not path:
         raise ValueError(
             f"no LLaMA tokenizer configured for the registered tasks: set {TOKENIZER_ENV}="
@@ -169,8 +175,9 @@ def tokenizer_settings(path: str | None = None, mtllama_quirks: bool | None = No
             f"tokenizer {path} (from gin tokenizer_settings.path or {TOKENIZER_ENV}) does "
             f"not exist; point it at the tokenizer.model of the LLaMA checkpoint"
         )
-    if mtllama_quirks is None:
-        mtllama_quirks = os.environ.get(QUIRKS_ENV, "0").lower() in ("1", "true", "yes")
+    mtllama_quirks = gin_or_env(mtllama_quirks, QUIRKS_ENV, "0")
+    if isinstance(mtllama_quirks, str):
+        mtllama_quirks = mtllama_quirks.lower() in ("1", "true", "yes")
     return path, bool(mtllama_quirks)
 
 
@@ -184,10 +191,18 @@ class ConfiguredLlamaVocabulary(LlamaVocabulary):
     def __init__(self):
         super().__init__("")
         self._resolved = False
+        self._checkpoint_path = None
+
+    def use_checkpoint_tokenizer(self, path: str) -> ConfiguredLlamaVocabulary:
+        """Reads `path` (a checkpoint's tokenizer.model) unless gin binds one; before first use."""
+        self._checkpoint_path = path
+        return self
 
     def _resolve(self) -> None:
         if not self._resolved:
-            self._sentencepiece_model_file, self._mtllama_quirks = tokenizer_settings()
+            self._sentencepiece_model_file, self._mtllama_quirks = tokenizer_settings(
+                checkpoint_path=self._checkpoint_path
+            )
             self._resolved = True
 
     def _model_context(self):
@@ -206,7 +221,9 @@ class ConfiguredLlamaVocabulary(LlamaVocabulary):
 
     def __getstate__(self):
         self._resolve()
-        return super().__getstate__()
+        state = super().__getstate__()
+        state.pop("_checkpoint_path", None)  # an input of the resolution, done by now
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 import gin
 from mtllama_jax import formats, vocab
+from mtllama_jax.env import gin_or_env
 
 P3_DIR_ENV = "MTLLAMA_P3_DIR"
 TABLE = os.path.join(os.path.dirname(__file__), "t0_train_tasks.tsv")
@@ -38,7 +39,7 @@ FIELDS = ("inputs_pretokenized", "targets_pretokenized")
 @gin.configurable
 def p3_data_dir(path: str | None = None) -> str:
     """Folder holding P3's task folders: gin `p3_data_dir.path`, else $MTLLAMA_P3_DIR."""
-    path = path or os.environ.get(P3_DIR_ENV)
+    path = gin_or_env(path, P3_DIR_ENV)
     if not path:
         raise ValueError(
             f"no P3 folder configured: set {P3_DIR_ENV}=/path/to/P3/data (the folder that "

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 import gin
 from mtllama_jax import answer_matching, formats, task_metadata, vocab
+from mtllama_jax.env import gin_or_env
 from mtllama_jax.tasks import eval_readers
 
 EVAL_DIR_ENV = "MTLLAMA_EVAL_DIR"
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)  # mtllama_jax.tasks.*: shown without --verbos
 @gin.configurable
 def eval_data_dir(path: str | None = None) -> str:
     """Folder of the zero-shot sets: gin `eval_data_dir.path`, else $MTLLAMA_EVAL_DIR."""
-    path = path or os.environ.get(EVAL_DIR_ENV)
+    path = gin_or_env(path, EVAL_DIR_ENV)
     if not path:
         raise FileNotFoundError(
             f"no evaluation folder configured: set {EVAL_DIR_ENV}=/path/to/eval_data (the "

@@ -17,6 +17,7 @@ from mtllama_jax.chat import Conversation
 from mtllama_jax.formats import MTLLAMA_SYSTEM
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.models.llama.model import LlamaForCausalLM
+from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.vocab import LlamaVocabulary
 
 CONFIG = LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=384)
@@ -46,7 +47,7 @@ def model_dir(tmp_path_factory):
     )
     out = str(folder / "model")
     checkpoints.write_model_dir_files(out, CONFIG, [str(folder / "sp.model")])
-    ckpt = checkpoints.TrainCheckpoints(out, async_save=False)
+    ckpt = checkpoints.TrainCheckpoints(out, CheckpointPolicy(async_save=False))
     ckpt.save(3, train_state.create(params, optax.sgd(0.1), jax.random.key(0)))
     ckpt.wait()
     ckpt.close()

@@ -10,6 +10,7 @@ import pytest
 from mtllama_jax import checkpoint_folder, checkpoints, partitioning
 from mtllama_jax.convert import hf_params
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.train_state import TrainState
 
 CONFIG = LlamaConfig.tiny(num_layers=1)
@@ -80,7 +81,9 @@ def test_training_model_dir_opens_at_its_latest_step(tmp_path):
     state = TrainState(
         params=params, step=np.int32(0), opt_state={}, rng=jax.random.key(0), skipped=np.int32(0)
     )
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=None, async_save=False)
+    ckpt = checkpoints.TrainCheckpoints(
+        str(tmp_path), CheckpointPolicy(every_steps=None, async_save=False)
+    )
     ckpt.save(3, state)
     ckpt.save(5, state.replace(params=jax.tree.map(lambda a: a + 1, params)))
     ckpt.close()

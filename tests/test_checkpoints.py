@@ -11,6 +11,7 @@ from test_train_resume import run_tiny
 
 from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.train_options import CheckpointPolicy
 
 CONFIG = LlamaConfig.tiny()
 
@@ -27,7 +28,7 @@ def make_trainer(sizes, rules):
 def test_restore_onto_another_mesh_keep_k_and_partial_steps(tmp_path):
     fsdp = make_trainer((1, 8, 1), "fsdp")
     state = fsdp.init_state(jax.random.key(0))
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=2, keep=2)
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), CheckpointPolicy(every_steps=2, keep=2))
     for step in range(1, 7):
         ckpt.maybe_save(step, state)
     ckpt.wait()
@@ -38,7 +39,7 @@ def test_restore_onto_another_mesh_keep_k_and_partial_steps(tmp_path):
     (partial / "params" / "garbage").write_text("half written")
     ckpt.close()
 
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=2, keep=2)
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), CheckpointPolicy(every_steps=2, keep=2))
     assert ckpt.latest_step() == 6
     tp = make_trainer((2, 2, 2), "fsdp_tp")
     restored = ckpt.restore(6, tp.abstract_restore_target())
@@ -71,11 +72,17 @@ def test_sigterm_saves_the_current_step_and_the_run_continues(tmp_path):
     model_dir = str(tmp_path)
     # The signal comes while the loop waits for step 2's batch: it stops there, at step 1.
     state, reason = run_tiny(
-        model_dir, kill_at=1, sig=signal.SIGTERM, num_steps=4, checkpoint_every_steps=100
+        model_dir,
+        kill_at=1,
+        sig=signal.SIGTERM,
+        num_steps=4,
+        checkpointing=CheckpointPolicy(every_steps=100),
     )
     assert reason == "preempted" and int(state.step) == 1
     assert checkpoints.TrainCheckpoints(model_dir).all_steps() == [1]
-    state, reason = run_tiny(model_dir, num_steps=4, checkpoint_every_steps=100)
+    state, reason = run_tiny(
+        model_dir, num_steps=4, checkpointing=CheckpointPolicy(every_steps=100)
+    )
     assert reason == "done" and int(state.step) == 4
     steps = [r["step"] for r in metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]
@@ -90,7 +97,9 @@ def test_time_policy_waits_its_interval_from_the_start(tmp_path):
     from mtllama_jax import train_state
 
     state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3), jax.random.key(0))
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=None, every_minutes=1 / 60)
+    ckpt = checkpoints.TrainCheckpoints(
+        str(tmp_path), CheckpointPolicy(every_steps=None, every_minutes=1 / 60)
+    )
     assert not ckpt.maybe_save(1, state)  # not at the first step of a run
     time.sleep(1.1)
     assert ckpt.maybe_save(2, state)

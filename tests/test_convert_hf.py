@@ -14,6 +14,7 @@ from mtllama_jax import checkpoint_folder, checkpoints
 from mtllama_jax.convert import hf_files, hf_params, manifest
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.models.llama.model import LlamaForCausalLM
+from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.train_state import TrainState
 
 
@@ -69,7 +70,9 @@ def test_training_model_dir_exports_its_latest_step(tmp_path, tokenizer_model):
     config = LlamaConfig.from_hf(hf)
     params = hf_params.hf_to_params(read_all(hf), config)
     model_dir = tmp_path / "run"
-    ckpt = checkpoints.TrainCheckpoints(str(model_dir), every_steps=None, async_save=False)
+    ckpt = checkpoints.TrainCheckpoints(
+        str(model_dir), CheckpointPolicy(every_steps=None, async_save=False)
+    )
     state = TrainState(
         params=params,
         step=np.int32(7),

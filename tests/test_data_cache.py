@@ -280,6 +280,7 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
 
     from mtllama_jax import optim, partitioning, train
     from mtllama_jax.models.llama.config import LlamaConfig
+    from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods
 
     s = spec(
         cache_dir,
@@ -298,8 +299,8 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
         num_steps,
         lambda start: pipeline.CacheBatches(s, start),
         seed=3,
-        checkpoint_every_steps=None,
-        log_every_steps=1,
+        checkpointing=CheckpointPolicy(every_steps=None),
+        periods=LoopPeriods(log_every_steps=1),
         progress=False,
         task_names=s.tasks,
         task_groups={t: "paraphrase" for t in s.tasks},

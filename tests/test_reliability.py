@@ -34,6 +34,7 @@ from mtllama_jax import (
     train_state,
 )
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods, NonfinitePolicy
 
 CONFIG = LlamaConfig.tiny(num_layers=1)
 ROWS, LENGTH = 2, 16
@@ -43,7 +44,7 @@ def run_small(model_dir, batches=None, num_steps=3, **kw):
     """train.run on one device, every step checkpointed unless told otherwise."""
     mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     schedule = optim.learning_rate_schedule(1e-3, num_steps, "constant")
-    kw.setdefault("checkpoint_every_steps", 1)
+    kw.setdefault("checkpointing", CheckpointPolicy(every_steps=1))
     return train.run(
         CONFIG,
         (mesh, partitioning.logical_axis_rules("data")),
@@ -51,7 +52,7 @@ def run_small(model_dir, batches=None, num_steps=3, **kw):
         str(model_dir),
         num_steps,
         batches or synthetic_batches(seed=0, rows=ROWS, length=LENGTH, vocab=CONFIG.vocab_size),
-        log_every_steps=1,
+        periods=LoopPeriods(log_every_steps=1),
         progress=False,
         **kw,
     )
@@ -73,7 +74,9 @@ def test_a_signal_while_waiting_for_data_saves_and_ends_the_run(tmp_path):
             time.sleep(0.01)
         raise AssertionError("the signal did not end the wait for data")
 
-    state, reason = run_small(tmp_path, stuck, num_steps=5, checkpoint_every_steps=100)
+    state, reason = run_small(
+        tmp_path, stuck, num_steps=5, checkpointing=CheckpointPolicy(every_steps=100)
+    )
     assert reason == "preempted" and int(state.step) == 2
     assert checkpoints.TrainCheckpoints(str(tmp_path)).all_steps() == [2]
 
@@ -126,7 +129,7 @@ def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_t
         optim.make_optimizer(optim.learning_rate_schedule(1e-3, 2, "constant")),
     )
     state = trainer_.init_state(jax.random.key(0))
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), async_save=False)
+    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), CheckpointPolicy(async_save=False))
     for step in (1, 2):
         ckpt.save(step, state.replace(step=jnp.int32(step)))
     nan = jax.tree.map(lambda x: x * jnp.nan, state.params)
@@ -162,7 +165,9 @@ def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_t
 
 def test_rotation_keeps_the_newest_step_whose_loss_was_finite(tmp_path):
     state = train_state.create({"w": jnp.ones((4,))}, optim.make_optimizer(1e-3), jax.random.key(0))
-    ckpt = checkpoints.TrainCheckpoints(str(tmp_path), every_steps=1, keep=1, async_save=False)
+    ckpt = checkpoints.TrainCheckpoints(
+        str(tmp_path), CheckpointPolicy(every_steps=1, keep=1, async_save=False)
+    )
     for step, nonfinite in ((1, 0), (2, 0), (3, 1), (4, 1)):
         ckpt.maybe_save(step, state, nonfinite=jnp.int32(nonfinite))
     ckpt.close()
@@ -198,7 +203,11 @@ def test_too_many_skipped_steps_stop_the_run_and_are_counted(tmp_path, capsys):
             yield batch
 
     state, reason = run_small(
-        tmp_path, diverging, num_steps=20, checkpoint_every_steps=100, max_consecutive_skips=3
+        tmp_path,
+        diverging,
+        num_steps=20,
+        checkpointing=CheckpointPolicy(every_steps=100),
+        nonfinite=NonfinitePolicy(max_consecutive_skips=3),
     )
     assert reason == "nonfinite"
     assert int(state.skipped) >= 3 and int(state.step) < 20

@@ -115,3 +115,23 @@ def test_a_missing_included_file_names_the_including_file(runs_folder_in_cwd):
     (runs_folder_in_cwd / "runs" / "bad.gin").write_text("include 'models/none.gin'\n")
     with pytest.raises(FileNotFoundError, match=r"models/none.gin(.|\n)*runs/bad.gin"):
         launch.parse_gin(["runs/bad.gin"], [])
+
+
+def test_option_groups_bind_by_class_name_and_name_the_field_at_fault():
+    from mtllama_jax.gin_configurables import options_from_gin
+    from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods, NonfinitePolicy
+
+    launch.parse_gin(
+        ["runs/finetune.gin"],
+        ["CheckpointPolicy.every_steps = 250", "NonfinitePolicy.action = 'stop'"],
+    )
+    assert options_from_gin(CheckpointPolicy) == CheckpointPolicy(250, every_minutes=30, keep=3)
+    assert options_from_gin(LoopPeriods) == LoopPeriods(log_every_steps=10, eval_every_steps=0)
+    assert options_from_gin(NonfinitePolicy).action == "stop"
+    with pytest.raises(ValueError, match=r"CheckpointPolicy\.keep must be >= 1, got 0"):
+        CheckpointPolicy(keep=0)
+    with pytest.raises(ValueError, match=r"NonfinitePolicy\.action='skp': choose one of"):
+        NonfinitePolicy(action="skp")
+    gin.bind_parameter("CheckpointPolicy.async_save", "yes")
+    with pytest.raises(ValueError, match="gin binding CheckpointPolicy.async_save='yes'"):
+        options_from_gin(CheckpointPolicy)

@@ -54,6 +54,7 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
     """
     from mtllama_jax import optim, partitioning, train
     from mtllama_jax.models.llama.config import LlamaConfig
+    from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods
 
     config = LlamaConfig.tiny()
     mesh = (partitioning.make_mesh(1, -1, 1), partitioning.logical_axis_rules("fsdp"))
@@ -73,7 +74,7 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
                 os.kill(os.getpid(), sig)
             yield batch
 
-    kw.setdefault("checkpoint_every_steps", 3)
+    kw.setdefault("checkpointing", CheckpointPolicy(every_steps=3))
     return train.run(
         config,
         mesh,
@@ -83,7 +84,7 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
         batches,
         seed=3,
         microbatches=2,
-        log_every_steps=1,
+        periods=LoopPeriods(log_every_steps=1),
         progress=False,
         **kw,
     )

@@ -65,7 +65,7 @@ def test_train_refuses_a_bad_batch_and_a_gin_typo_before_writing_anything(tmp_pa
     assert "gin binding train.batch_size='two' (str): train.batch_size takes int" in (
         capsys.readouterr().err
     )
-    assert train.main(common + ["--gin.train.nonfinite=skip"]) == exits.ERROR
+    assert train.main(common + ["--gin.NonfinitePolicy.action=skip"]) == exits.ERROR
     assert "a string value is quoted" in capsys.readouterr().err
     assert not model_dir.exists()
 

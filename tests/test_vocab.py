@@ -78,3 +78,21 @@ def test_tf_tokenisation_in_a_dataset_logs_nothing(spm_file, capfd):
         list(vocab.encode(t)) for t in ("yes no", "the premise")
     ]
     assert "precompiled_charsmap" not in capfd.readouterr().err
+
+
+def test_a_jobs_checkpoint_tokenizer_is_passed_not_set_in_the_environment(spm_file, monkeypatch):
+    import os
+
+    import gin
+    from mtllama_jax import vocab
+
+    monkeypatch.delenv(vocab.TOKENIZER_ENV, raising=False)
+    v = vocab.ConfiguredLlamaVocabulary().use_checkpoint_tokenizer(spm_file)
+    assert v.sentencepiece_model_file == spm_file and vocab.TOKENIZER_ENV not in os.environ
+    with gin.unlock_config():
+        gin.bind_parameter("tokenizer_settings.path", "/gin/wins/tokenizer.model")
+    try:
+        with pytest.raises(FileNotFoundError, match="/gin/wins/tokenizer.model"):
+            vocab.ConfiguredLlamaVocabulary().use_checkpoint_tokenizer(spm_file).mtllama_quirks
+    finally:
+        gin.clear_config()

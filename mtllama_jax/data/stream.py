@@ -22,12 +22,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-try:  # TF reads data on the host; JAX owns the accelerators.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices; leave them be.
-    pass
-
-from mtllama_jax.data.packing import (  # noqa: E402  (after TF's device setup)
+from mtllama_jax.data.packing import (
     PackingStats,
     counted,
     pack_rows,
