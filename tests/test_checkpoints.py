@@ -7,7 +7,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from test_train_resume import run_tiny
+from helpers import run_tiny
 
 from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
 from mtllama_jax.config import LlamaConfig

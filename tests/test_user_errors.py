@@ -12,7 +12,6 @@ import os
 import sys
 
 import pytest
-from test_chat import model_dir  # noqa: F401 (fixture)
 
 from mtllama_jax import chat, checkpoints, exits, train
 from mtllama_jax.config import LlamaConfig
