@@ -103,13 +103,13 @@ def _check_inputs(*folders) -> None:
 
 def _check_checkpoint(folder) -> None:
     """A converted folder against its manifest.json, a MODEL_DIR's latest step against its own."""
-    from mtllama_jax import checkpoint_folder, checkpoints
+    from mtllama_jax import checkpoint_folder
 
     _check_inputs(folder)
     params = checkpoint_folder.params_dir(folder)
     step_dir = os.path.dirname(params)
-    if os.path.basename(os.path.dirname(step_dir)) == "checkpoints":  # a training MODEL_DIR
-        checkpoints.verify_step(os.path.dirname(step_dir), int(os.path.basename(step_dir)))
+    if checkpoint_folder.is_model_dir(folder):
+        checkpoint_folder.verify_step(os.path.dirname(step_dir), int(os.path.basename(step_dir)))
 
 
 def run(args) -> str:

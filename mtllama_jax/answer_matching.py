@@ -3,7 +3,8 @@
 The `generate` protocol produces free text; these functions turn it into the
 index of an answer choice (or -1: no answer).
 
-`match_original` reproduces the released evaluation code (`mCLS/train-CLS.py`):
+`match_original` reproduces the released evaluation code (mCLS/train-CLS.py of
+https://github.com/DAMO-NLP-SG/MT-LLaMA):
 the output is lower-cased; COPA and Winogrande pick the option with the higher
 `difflib.SequenceMatcher(None, output, option).quick_ratio()` (ties to the
 first); the other sets take the first keyword of a fixed, ordered table found
@@ -19,9 +20,9 @@ keywords, in choice order, and no fallback.
 
 QA outputs: `qa_prediction` applies the code's "an output containing 'None' is
 an empty answer" before F1/EM, which follow the official script each set's
-published number used (`QA_SCORING`, as MT-LLaMA's `mQA/train-QA.py` picked
-them): SQuAD v1.1's for SQuAD, XQuAD and TyDiQA-GoldP, MLQA's
-`mlqa_evaluation_v1.py` (lang `en`) for MLQA. The two differ in punctuation:
+published number used (`QA_SCORING`, as MT-LLaMA's released QA evaluation
+picked them): the official SQuAD v1.1 script for SQuAD, XQuAD and TyDiQA-GoldP,
+the official MLQA script (lang `en`) for MLQA. The two differ in punctuation:
 SQuAD's removes ASCII punctuation only, MLQA's every Unicode punctuation
 character too (curly quotes, dashes, guillemets, ellipses).
 """

@@ -1,23 +1,42 @@
-"""A params-only checkpoint folder: what `mtllama-convert` writes and every tool opens.
+"""The on-disk layout of a model folder, which `mtllama-convert` and training write.
+
+A checkpoint folder (params only):
 
     config.json               the model (`LlamaConfig.to_hf()` plus this project's fields)
     tokenizer.model           the SentencePiece model (+ tokenizer_config.json,
                               special_tokens_map.json, added_tokens.json when given)
     params/                   the param tree, an Orbax (StandardCheckpointer) checkpoint
 
+A training MODEL_DIR (`checkpoints.TrainCheckpoints`, `train.py`) holds:
+
+    config.json               the model, as above; checked on every start
+    tokenizer.model ...       the tokenizer files the run was given (copied)
+    config.gin                the operative gin config of the latest start
+    checkpoints/<step>/params the params pytree (Orbax), restorable on its own
+    checkpoints/<step>/state  step, optimizer state, PRNG key, skipped-step count
+    checkpoints/<step>/data   the data iterator's position, one file per process (when
+                              the data source has one: the tokenized cache's pipeline)
+    checkpoints/<step>/manifest.json  sha256 and size of the step's files
+    corrupt_checkpoints/      steps found damaged on restore, moved aside
+    metrics.jsonl, tensorboard/, run.lock   see `metrics` and `run_lock`
+
+and opens like a checkpoint folder, at its latest step (`open_checkpoint`: its latest
+intact one).
+
 A folder is written under a temporary name beside its destination and renamed
 when complete, so an interrupted write never leaves a half-written folder.
 Params restore straight onto the caller's shardings (abstract arrays), and one
-parameter at a time for converters that stream. A training MODEL_DIR
-(`checkpoints/<step>/params`) opens the same way, at its latest step.
+parameter at a time for converters that stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Iterator, Sequence
@@ -27,13 +46,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mtllama_jax import models
+from mtllama_jax import atomic, models
 from mtllama_jax.models.hf import read_config_json
 from mtllama_jax.models.llama.config import LlamaConfig
 
 PARAMS = "params"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+CHECKPOINTS = "checkpoints"
+STEP_MANIFEST = "manifest.json"
+SET_ASIDE = "corrupt_checkpoints"
+GIN_CONFIG = "config.gin"
+# config.json's key for this project's own LlamaConfig fields.
+OWN_KEY = "mtllama_jax"
 # Tokenizer files copied along with tokenizer.model when present.
 TOKENIZER_FILES = (
     TOKENIZER,
@@ -74,9 +99,9 @@ def write_contents(folder, params, config: LlamaConfig, tokenizer_files: Sequenc
 
 
 def write_config(folder, config: LlamaConfig) -> None:
-    hf = dict(config.to_hf(), mtllama_jax={k: getattr(config, k) for k in _OWN_FIELDS})
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        f.write(json.dumps(hf, indent=2) + "\n")
+    """`folder/config.json`: the Hugging Face fields plus this project's own (atomic)."""
+    hf = dict(config.to_hf(), **{OWN_KEY: {k: getattr(config, k) for k in _OWN_FIELDS}})
+    atomic.write_text(os.path.join(folder, CONFIG), json.dumps(hf, indent=2) + "\n")
 
 
 def check_writable(folder, *, overwrite: bool = False) -> None:
@@ -175,7 +200,7 @@ def load_config(folder) -> LlamaConfig:
     return models.config_from_hf(
         path,
         cpu_forms=jax.default_backend() == "cpu",
-        **read_config_json(path).get("mtllama_jax", {}),
+        **read_config_json(path).get(OWN_KEY, {}),
     )
 
 
@@ -197,25 +222,41 @@ def tokenizer_files(folder) -> list[str]:
     ]
 
 
+def is_model_dir(folder) -> bool:
+    """Whether `folder` is a training MODEL_DIR (it has `checkpoints/`)."""
+    return os.path.isdir(os.path.join(folder, CHECKPOINTS))
+
+
+def checkpoints_dir(model_dir) -> str:
+    """`<model_dir>/checkpoints`, where Orbax keeps a training run's steps."""
+    return os.path.join(os.path.abspath(os.fspath(model_dir)), CHECKPOINTS)
+
+
+def saved_steps(model_dir) -> list[int]:
+    """The finished steps of a training MODEL_DIR, newest first."""
+    manager = ocp.CheckpointManager(
+        checkpoints_dir(model_dir), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    steps = sorted(manager.all_steps(), reverse=True)
+    manager.close()
+    return steps
+
+
 def params_dir(folder, step: int | None = None) -> str:
     """`folder/params`, or `folder/checkpoints/<step>/params` of a training MODEL_DIR."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    if os.path.isdir(os.path.join(folder, "checkpoints")):
+    if is_model_dir(folder):
         if step is None:
-            manager = ocp.CheckpointManager(
-                os.path.join(folder, "checkpoints"),
-                options=ocp.CheckpointManagerOptions(read_only=True),
-            )
-            step = manager.latest_step()
-            manager.close()
-            if step is None:
+            steps = saved_steps(folder)
+            if not steps:
                 raise FileNotFoundError(
-                    f"{folder}/checkpoints holds no finished step; train longer or point at "
+                    f"{folder}/{CHECKPOINTS} holds no finished step; train longer or point at "
                     "a converted checkpoint folder"
                 )
-        path = os.path.join(folder, "checkpoints", str(step), PARAMS)
+            step = steps[0]
+        path = os.path.join(folder, CHECKPOINTS, str(step), PARAMS)
     else:
         path = os.path.join(folder, PARAMS)
     if not os.path.isdir(path):
@@ -276,18 +317,51 @@ def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | N
         config = config.replace(dtype=dtype)
     tokenizer = tokenizer_path(folder)
     shardings = partitioning.param_shardings(config, mesh, rules)
-    if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
-        from mtllama_jax import checkpoints
-
-        target = jax.tree.map(
-            lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-            params_metadata(folder, step),
-            shardings,
-        )
-        _, params = checkpoints.restore_intact_params(folder, target, step)  # skips damage
+    if is_model_dir(folder):
+        _, params = load_intact_params(folder, shardings, step)
     else:
         params = load_params(folder, shardings)
     return config, params, tokenizer
+
+
+def load_intact_params(model_dir, shardings, step: int | None = None):
+    """(step, params) of a training MODEL_DIR: `step`, or the newest intact one.
+
+    For readers (eval, chat): each step is checked against its manifest and for
+    finite params; a damaged latest step is skipped with a warning naming it
+    (nothing is moved), a damaged requested step is an error naming it.
+    """
+    directory = checkpoints_dir(model_dir)
+    steps = saved_steps(model_dir) if step is None else [step]
+    if not steps:
+        raise FileNotFoundError(
+            f"{directory} holds no finished step; train longer or point "
+            "at a converted checkpoint folder"
+        )
+    problems = []
+    for candidate in steps:
+        try:
+            verify_step(directory, candidate)
+            try:
+                params = load_params(model_dir, shardings, step=candidate)
+            except Exception as e:  # Orbax and TensorStore raise many kinds
+                raise ValueError(f"unreadable ({first_line(e)})") from None
+            check_finite(params, f"{directory}/{candidate}/params")
+        except ValueError as e:
+            problems.append(f"step {candidate}: {e}")
+            if step is None:
+                print(
+                    f"warning: checkpoint step {candidate} of {model_dir} is damaged ({e}); "
+                    "trying the step before it",
+                    file=sys.stderr,
+                )
+            continue
+        return candidate, params
+    raise ValueError(
+        f"no intact checkpoint in {directory}:\n  "
+        + "\n  ".join(problems)
+        + "\nCopy the step again from a backup, or pick another with `step`."
+    )
 
 
 def load_param(folder, param_path: tuple[str, ...], *, dtype=None, step: int | None = None):
@@ -308,6 +382,91 @@ def load_param(folder, param_path: tuple[str, ...], *, dtype=None, step: int | N
     for key in param_path:
         tree = tree[key]
     return tree
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's type and the start of its first line, for one-line reports."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+# ---- step integrity -------------------------------------------------------------------------
+
+
+def _step_files(folder: str) -> dict[str, str]:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != STEP_MANIFEST:
+                files[rel] = os.path.join(root, name)
+    return files
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_step_manifest(folder: str) -> None:
+    """`<step>/manifest.json`: sha256 and size of each file of a committed step (atomic).
+
+    Nothing is written when rotation deleted the step meanwhile.
+    """
+    try:
+        files = {
+            rel: {"sha256": _sha256(path), "size": os.path.getsize(path)}
+            for rel, path in sorted(_step_files(folder).items())
+        }
+        atomic.write_text(
+            os.path.join(folder, STEP_MANIFEST),
+            json.dumps({"files": files}, indent=1, sort_keys=True) + "\n",
+        )
+    except FileNotFoundError:
+        return
+
+
+def verify_step(directory: str, step: int) -> None:
+    """Raises ValueError naming the files of `step` that differ from its manifest.
+
+    A step saved without a manifest (an older run, or killed between commit and
+    manifest) is not checked here; its params are still checked to be finite.
+    """
+    folder = os.path.join(directory, str(step))
+    path = os.path.join(folder, STEP_MANIFEST)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            want = json.load(f)["files"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path} is unreadable ({e})") from None
+    got = _step_files(folder)
+    problems = [f"{rel} missing" for rel in sorted(set(want) - set(got))]
+    for rel in sorted(set(want) & set(got)):
+        if (
+            os.path.getsize(got[rel]) != want[rel]["size"]
+            or _sha256(got[rel]) != want[rel]["sha256"]
+        ):
+            problems.append(f"{rel} differs")
+    if problems:
+        shown = ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        raise ValueError(f"files differ from {path}: {shown}")
+
+
+def check_finite(params, where: str) -> None:
+    """Raises ValueError naming the first parameters holding NaN or Inf."""
+    flags = jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), params)
+    bad = [
+        jax.tree_util.keystr(p)
+        for p, ok in jax.tree_util.tree_leaves_with_path(flags)
+        if not bool(ok)
+    ]
+    if bad:
+        raise ValueError(f"{where}: parameter(s) {bad[:3]} hold NaN or Inf values")
 
 
 def _first_paths(stored, wanted) -> str:

@@ -1,16 +1,6 @@
 """Training checkpoints: Orbax CheckpointManager saves, exact restore, integrity, MODEL_DIR.
 
-A MODEL_DIR holds:
-
-    config.json               the model (Hugging Face fields), checked on every start
-    tokenizer.model ...       the tokenizer files the run was given (copied)
-    config.gin                the operative gin config of the latest start
-    checkpoints/<step>/params the params pytree (Orbax), restorable on its own
-    checkpoints/<step>/state  step, optimizer state, PRNG key, skipped-step count
-    checkpoints/<step>/data   the data iterator's position, one file per process (when
-                              the data source has one: the tokenized cache's pipeline)
-    checkpoints/<step>/manifest.json  sha256 and size of the step's files
-    corrupt_checkpoints/      steps found damaged on restore, moved aside
+The MODEL_DIR layout is `checkpoint_folder`'s (its module doc lists the files).
 
 Saves are asynchronous, every N steps and/or every M minutes (Orbax's
 save-decision policies, which agree across hosts), keeping the last K and the
@@ -27,8 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
-import hashlib
-import json
 import os
 import sys
 import time
@@ -38,16 +26,15 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mtllama_jax import atomic
+from mtllama_jax import atomic, checkpoint_folder
 from mtllama_jax.models.hf import read_config_json
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.train_state import TrainState
 
-TOKENIZER_MODEL = "tokenizer.model"
 _policies = ocp.checkpoint_managers
 # HF fields that do not change the architecture (a resumed run may change them).
-_NON_ARCHITECTURE = ("torch_dtype", "mtllama_jax")
+_NON_ARCHITECTURE = ("torch_dtype", checkpoint_folder.OWN_KEY)
 
 
 class TrainCheckpoints:
@@ -77,7 +64,7 @@ class TrainCheckpoints:
             cleanup_tmp_directories=True,
         )
         self.model_dir = os.path.abspath(model_dir)
-        self.directory = os.path.join(self.model_dir, "checkpoints")
+        self.directory = checkpoint_folder.checkpoints_dir(self.model_dir)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("params", "state", "data")
         )
@@ -118,17 +105,17 @@ class TrainCheckpoints:
         for step in sorted(self.all_steps(), reverse=True):
             where = os.path.join(self.directory, str(step))
             try:
-                verify_step(self.directory, step)
+                checkpoint_folder.verify_step(self.directory, step)
                 try:
                     state = self.restore(step, target)
                 except Exception as e:  # Orbax and TensorStore raise many kinds
-                    if os.path.exists(os.path.join(where, STEP_MANIFEST)):
+                    if os.path.exists(os.path.join(where, checkpoint_folder.STEP_MANIFEST)):
                         raise _Intact(
                             f"{where} matches its manifest but does not restore onto this "
-                            f"run's train state: {_first_line(e)}"
+                            f"run's train state: {checkpoint_folder.first_line(e)}"
                         ) from None
-                    raise ValueError(f"unreadable ({_first_line(e)})") from None
-                check_finite(state.params, f"{where}/params")
+                    raise ValueError(f"unreadable ({checkpoint_folder.first_line(e)})") from None
+                checkpoint_folder.check_finite(state.params, f"{where}/params")
             except _Intact:
                 raise
             except ValueError as e:
@@ -147,7 +134,7 @@ class TrainCheckpoints:
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Moves a damaged step out of Orbax's folder, so the run can save that step again."""
-        aside = os.path.join(self.model_dir, "corrupt_checkpoints")
+        aside = os.path.join(self.model_dir, checkpoint_folder.SET_ASIDE)
         if jax.process_index() == 0:
             os.makedirs(aside, exist_ok=True)
             dst = os.path.join(aside, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
@@ -199,7 +186,9 @@ class TrainCheckpoints:
             folder = os.path.join(self.directory, str(step))
             if os.path.isdir(folder):  # renamed into place: committed
                 if jax.process_index() == 0:
-                    self._hashing.append(self._hasher.submit(write_step_manifest, folder))
+                    self._hashing.append(
+                        self._hasher.submit(checkpoint_folder.write_step_manifest, folder)
+                    )
                 self._unhashed.remove(step)
 
     def wait(self):
@@ -252,11 +241,6 @@ class _Intact(ValueError):
     """A step whose files match its manifest, yet it does not restore (not damage)."""
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
-
-
 def _step_of(metrics) -> float:
     return 0.0
 
@@ -272,88 +256,6 @@ class _NewestFinite:
                 keep[i] = True
                 break
         return keep
-
-
-# ---- integrity ---------------------------------------------------------------------------
-
-
-STEP_MANIFEST = "manifest.json"
-
-
-def _step_files(folder: str) -> dict[str, str]:
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if rel != STEP_MANIFEST:
-                files[rel] = os.path.join(root, name)
-    return files
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_step_manifest(folder: str) -> None:
-    """`<step>/manifest.json`: sha256 and size of each file of a committed step (atomic).
-
-    Nothing is written when rotation deleted the step meanwhile.
-    """
-    try:
-        files = {
-            rel: {"sha256": _sha256(path), "size": os.path.getsize(path)}
-            for rel, path in sorted(_step_files(folder).items())
-        }
-        atomic.write_text(
-            os.path.join(folder, STEP_MANIFEST),
-            json.dumps({"files": files}, indent=1, sort_keys=True) + "\n",
-        )
-    except FileNotFoundError:
-        return
-
-
-def verify_step(directory: str, step: int) -> None:
-    """Raises ValueError naming the files of `step` that differ from its manifest.
-
-    A step saved without a manifest (an older run, or killed between commit and
-    manifest) is not checked here; its params are still checked to be finite.
-    """
-    folder = os.path.join(directory, str(step))
-    path = os.path.join(folder, STEP_MANIFEST)
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            want = json.load(f)["files"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{path} is unreadable ({e})") from None
-    got = _step_files(folder)
-    problems = [f"{rel} missing" for rel in sorted(set(want) - set(got))]
-    for rel in sorted(set(want) & set(got)):
-        if (
-            os.path.getsize(got[rel]) != want[rel]["size"]
-            or _sha256(got[rel]) != want[rel]["sha256"]
-        ):
-            problems.append(f"{rel} differs")
-    if problems:
-        shown = ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
-        raise ValueError(f"files differ from {path}: {shown}")
-
-
-def check_finite(params, where: str) -> None:
-    """Raises ValueError naming the first parameters holding NaN or Inf."""
-    flags = jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), params)
-    bad = [
-        jax.tree_util.keystr(p)
-        for p, ok in jax.tree_util.tree_leaves_with_path(flags)
-        if not bool(ok)
-    ]
-    if bad:
-        raise ValueError(f"{where}: parameter(s) {bad[:3]} hold NaN or Inf values")
 
 
 @dataclasses.dataclass
@@ -389,66 +291,6 @@ def _rest(state: TrainState) -> dict:
     }
 
 
-def restore_intact_params(model_dir: str, target, step: int | None = None):
-    """(step, params) of a training MODEL_DIR: `step`, or the newest intact one.
-
-    For readers (eval, chat): each step is checked against its manifest and for
-    finite params; a damaged latest step is skipped with a warning naming it
-    (nothing is moved), a damaged requested step is an error naming it.
-    """
-    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(manager.all_steps(), reverse=True)
-    manager.close()
-    if step is not None:
-        steps = [step]
-    if not steps:
-        raise FileNotFoundError(
-            f"{directory} holds no finished step; train longer or point "
-            "at a converted checkpoint folder"
-        )
-    problems = []
-    for candidate in steps:
-        try:
-            verify_step(directory, candidate)
-            try:
-                params = restore_params(model_dir, candidate, target)
-            except Exception as e:  # Orbax and TensorStore raise many kinds
-                raise ValueError(f"unreadable ({_first_line(e)})") from None
-            check_finite(params, f"{directory}/{candidate}/params")
-        except ValueError as e:
-            problems.append(f"step {candidate}: {e}")
-            if step is None:
-                print(
-                    f"warning: checkpoint step {candidate} of {model_dir} is damaged ({e}); "
-                    "trying the step before it",
-                    file=sys.stderr,
-                )
-            continue
-        return candidate, params
-    raise ValueError(
-        f"no intact checkpoint in {directory}:\n  "
-        + "\n  ".join(problems)
-        + "\nCopy the step again from a backup, or pick another with `step`."
-    )
-
-
-def restore_params(model_dir: str, step: int, target):
-    """Only the params of a training checkpoint, onto `target`'s shardings."""
-    manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(model_dir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=("params", "state"),
-    )
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        )
-        return restored.params
-    finally:
-        manager.close()
-
-
 # ---- MODEL_DIR files ---------------------------------------------------------------------
 
 
@@ -462,7 +304,7 @@ def architecture(config: LlamaConfig) -> dict:
 
 def check_model_dir(model_dir: str, config: LlamaConfig, role: str = "MODEL_DIR") -> None:
     """Refuses a MODEL_DIR (or INIT_CHECKPOINT: `role`) whose config.json is another model's."""
-    path = os.path.join(model_dir, "config.json")
+    path = os.path.join(model_dir, checkpoint_folder.CONFIG)
     if not os.path.exists(path):
         return
     saved = read_config_json(path)
@@ -500,19 +342,11 @@ def write_model_dir_files(
     if jax.process_index() != 0:
         return
     os.makedirs(model_dir, exist_ok=True)
-    hf = dict(
-        config.to_hf(),
-        mtllama_jax={
-            k: v
-            for k, v in dataclasses.asdict(config).items()
-            if k in ("dtype", "param_dtype", "attention", "remat")
-        },
-    )
-    atomic.write_text(os.path.join(model_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
+    checkpoint_folder.write_config(model_dir, config)
     for src in tokenizer_files:
-        name = TOKENIZER_MODEL if src.endswith(".model") else os.path.basename(src)
+        name = checkpoint_folder.TOKENIZER if src.endswith(".model") else os.path.basename(src)
         dst = os.path.join(model_dir, name)
         if os.path.abspath(src) != os.path.abspath(dst):
             atomic.copy_file(src, dst)
     if gin_config is not None:
-        atomic.write_text(os.path.join(model_dir, "config.gin"), gin_config)
+        atomic.write_text(os.path.join(model_dir, checkpoint_folder.GIN_CONFIG), gin_config)

@@ -272,8 +272,8 @@ def qa_scores(
 ):
     """F1/EM (x100, max over gold answers) of generated outputs under an official script's rules.
 
-    `scoring`: "squad" (SQuAD v1.1's `evaluate-v1.1.py`) or "mlqa" (MLQA's
-    `mlqa_evaluation_v1.py`, lang en; see `answer_matching`). The released code's
+    `scoring`: "squad" (the official SQuAD v1.1 script) or "mlqa" (the official
+    MLQA script, lang en; see `answer_matching`). The released code's
     rule first: an output containing "None" is an empty answer. Examples without
     gold answers are left out.
     """

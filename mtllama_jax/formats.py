@@ -1,6 +1,6 @@
 """Prompt wrappers: the text a model reads around an instruction, by name.
 
-The strings are MT-LLaMA's (see `shared/reference/prompts.md`):
+The strings are MT-LLaMA's (https://github.com/DAMO-NLP-SG/MT-LLaMA):
 
 * `mtllama`: FastChat "single" style of its CLI and evaluation, the wrapper behind
   the published zero-shot numbers where a wrapper was used (the QA sets and SST-2
@@ -70,11 +70,6 @@ def get_wrapper(name: str) -> Wrapper:
         raise ValueError(
             f"unknown prompt wrapper {name!r}; choose one of {sorted(WRAPPERS)}"
         ) from None
-
-
-def wrap_prompt(name: str, instruction: str) -> str:
-    """The full text the model reads before its response begins."""
-    return get_wrapper(name)(instruction)
 
 
 def wrap_preprocessor(

@@ -71,8 +71,8 @@ def open_model(path: str, mesh, rules, step: int | None = None):
         raise FileNotFoundError(
             f"--model_args checkpoint={path}: no such folder; " + _expected(path)
         )
-    if os.path.isdir(os.path.join(path, checkpoint_folder.PARAMS)) or os.path.isdir(
-        os.path.join(path, "checkpoints")
+    if checkpoint_folder.is_model_dir(path) or os.path.isdir(
+        os.path.join(path, checkpoint_folder.PARAMS)
     ):
         return checkpoint_folder.open_checkpoint(path, mesh, rules, step)
     weights = [

@@ -33,7 +33,7 @@ UNSEEN_TASKS = [
     ("MNLI", "mnli"),
     ("RTE", "rte"),
 ]
-# The model card's numbers (`shared/reference/prompts.md`): QA sets are (F1, EM).
+# The model card's numbers (https://github.com/DAMO-NLP-SG/MT-LLaMA): QA sets are (F1, EM).
 PUBLISHED = {
     "LLaMA-7b": {
         "xquad_en": (9.5, 2.0),

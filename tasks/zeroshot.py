@@ -8,7 +8,7 @@ readers; `data_table()` renders it for `tasks/EVAL_DATA.md`. A set with neither
 raises FileNotFoundError naming the set, both files and where to get them, so
 `mtllama-eval` reports it as skipped and runs the others.
 
-Prompts are `../shared/reference/prompts.md`'s: the released evaluation code's
+Prompts are MT-LLaMA's (https://github.com/DAMO-NLP-SG/MT-LLaMA): the released evaluation code's
 strings by default (they produced the published numbers), the model card's by
 `zeroshot_prompt_style.style = 'card'`. They differ in three places: the code
 sends the QA and SST-2 prompts without the chat wrapper (the card wraps every

@@ -5,53 +5,14 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import optax
 import pytest
-import sentencepiece as spm
+from helpers import CHAT_CONFIG
 
-from mtllama_jax import chat, checkpoints, decoding, train_state
+from mtllama_jax import chat, decoding
 from mtllama_jax.chat import Conversation
 from mtllama_jax.formats import MTLLAMA_SYSTEM
-from mtllama_jax.models.llama.config import LlamaConfig
-from mtllama_jax.models.llama.model import LlamaForCausalLM
-from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.vocab import LlamaVocabulary
-
-CONFIG = LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=384)
-WORDS = ["hello", "world", "river", "stone", "cloud", "answer", "question", "human"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A training MODEL_DIR: config.json, tokenizer.model and an Orbax checkpoint at step 3."""
-    folder = tmp_path_factory.mktemp("run")
-    lines = [" ".join(WORDS[(i + j * j) % len(WORDS)] for j in range(9)) for i in range(300)]
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"),
-        model_prefix=str(folder / "sp"),
-        vocab_size=CONFIG.vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    params = nn.unbox(
-        LlamaForCausalLM(CONFIG).init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"]
-    )
-    out = str(folder / "model")
-    checkpoints.write_model_dir_files(out, CONFIG, [str(folder / "sp.model")])
-    ckpt = checkpoints.TrainCheckpoints(out, CheckpointPolicy(async_save=False))
-    ckpt.save(3, train_state.create(params, optax.sgd(0.1), jax.random.key(0)))
-    ckpt.wait()
-    ckpt.close()
-    return out, params
 
 
 def run_chat(*args, stdin=""):
@@ -71,7 +32,7 @@ def test_one_shot_prompt_prints_the_greedy_reply(model_dir):
     vocab = LlamaVocabulary(os.path.join(folder, "tokenizer.model"))
     prompt = [1] + list(vocab.encode(MTLLAMA_SYSTEM + "### Human: hello river### Assistant:"))
     expect = (
-        decoding.Decoder(CONFIG)
+        decoding.Decoder(CHAT_CONFIG)
         .generate(
             params,
             [prompt],
@@ -162,7 +123,7 @@ def test_a_max_new_tokens_the_context_cannot_hold_is_cut_and_said(model_dir, cap
                 "--prompt",
                 "hello",
                 "--max_new_tokens",
-                str(CONFIG.max_position_embeddings),
+                str(CHAT_CONFIG.max_position_embeddings),
             ]
         )
         == 0
@@ -173,7 +134,7 @@ def test_a_max_new_tokens_the_context_cannot_hold_is_cut_and_said(model_dir, cap
 
 def test_dtype_flag_replaces_the_checkpoints_compute_dtype(model_dir, capsys):
     folder, _ = model_dir
-    assert CONFIG.dtype == "float32"
+    assert CHAT_CONFIG.dtype == "float32"
     talk = chat.Chat(folder, dtype="float16")
     assert talk.config.dtype == talk.decoder.config.dtype == "float16"
     assert talk.params["embed"]["embedding"].dtype == jnp.float32  # stored weights unchanged

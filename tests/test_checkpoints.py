@@ -7,9 +7,9 @@ import signal
 import jax
 import numpy as np
 import pytest
-from test_train_resume import run_tiny
+from helpers import run_tiny
 
-from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
+from mtllama_jax import checkpoint_folder, checkpoints, metrics, optim, partitioning, trainer
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.train_options import CheckpointPolicy
 
@@ -49,7 +49,8 @@ def test_restore_onto_another_mesh_keep_k_and_partial_steps(tmp_path):
     assert "tensor" in jax.tree.leaves(tuple(kernel.sharding.spec))
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), restored, state)
     assert all(jax.tree.leaves(same))
-    params = checkpoints.restore_params(str(tmp_path), 6, tp.abstract_restore_target().params)
+    shardings = jax.tree.map(lambda a: a.sharding, tp.abstract_restore_target().params)
+    params = checkpoint_folder.load_params(str(tmp_path), shardings, step=6)
     assert np.array_equal(
         np.asarray(params["embed"]["embedding"]), np.asarray(state.params["embed"]["embedding"])
     )

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bitwise, convert, make_hf, read_all
+from helpers import assert_bitwise, convert, make_hf, read_all
 from safetensors.numpy import save_file
 
 from mtllama_jax.convert import delta, manifest

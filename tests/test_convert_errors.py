@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import make_hf
+from helpers import make_hf
 from safetensors.torch import load_file
 
 from mtllama_jax.convert import cli, delta

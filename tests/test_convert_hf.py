@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_bitwise, convert, make_hf, read_all
+from helpers import assert_bitwise, convert, make_hf, read_all
 from safetensors.torch import save_file
 
 from mtllama_jax import checkpoint_folder, checkpoints

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import seqio
-from test_vocab import session_spm
+from helpers import free_port, session_spm
 
 import mtllama_jax.tasks  # noqa: F401  (registers the P3 tasks)
 from mtllama_jax import cache as cache_job
@@ -355,9 +355,7 @@ def test_training_resumes_bitwise_from_the_checkpointed_data_state(env, tmp_path
 
 
 def test_two_processes_resume_bitwise(env, tmp_path):
-    from test_multihost import _free_port
-
-    port = _free_port()
+    port = free_port()
     stop = int(np.random.default_rng().integers(1, STEPS))
     child_env = dict(
         os.environ,

@@ -281,8 +281,8 @@ def test_report_tables_and_chart_put_published_rows_beside_ours(tmp_path):
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
-# Crafted pairs where SQuAD v1.1's script (ASCII punctuation) and MLQA's
-# `mlqa_evaluation_v1.py` (lang en: every Unicode punctuation character) disagree.
+# Crafted pairs where the official SQuAD v1.1 script (ASCII punctuation) and the official
+# MLQA script (lang en: every Unicode punctuation character) disagree.
 @pytest.mark.parametrize(
     "output, gold, squad_f1_em, mlqa_f1_em",
     [

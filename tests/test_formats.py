@@ -16,21 +16,21 @@ USER_SYSTEM = (
 
 
 def test_exact_strings():
-    assert formats.wrap_prompt("mtllama", "Q?") == SYSTEM + "### Human: Q?### Assistant:"
-    assert formats.wrap_prompt("mtllama_user", "Q?") == (
+    assert formats.get_wrapper("mtllama")("Q?") == SYSTEM + "### Human: Q?### Assistant:"
+    assert formats.get_wrapper("mtllama_user")("Q?") == (
         USER_SYSTEM + "\n\n### USER: Q?\n### ASSISTANT:"
     )
-    assert formats.wrap_prompt("alpaca", "Q?") == (
+    assert formats.get_wrapper("alpaca")("Q?") == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nQ?\n\n### Response:"
     )
-    assert formats.wrap_prompt("raw", "Q?") == "Q?"
+    assert formats.get_wrapper("raw")("Q?") == "Q?"
     assert set(formats.WRAPPERS) == {"mtllama", "mtllama_user", "alpaca", "raw"}
 
 
 def test_unknown_wrapper_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown prompt wrapper 'vicuna'.*alpaca"):
-        formats.wrap_prompt("vicuna", "x")
+        formats.get_wrapper("vicuna")
 
 
 def test_preprocessor_wraps_inputs_only():
@@ -39,8 +39,8 @@ def test_preprocessor_wraps_inputs_only():
     )
     out = list(formats.wrap_preprocessor(ds, wrapper="alpaca").as_numpy_iterator())
     assert [o["inputs"].decode() for o in out] == [
-        formats.wrap_prompt("alpaca", "Is it?"),
-        formats.wrap_prompt("alpaca", "Why?"),
+        formats.get_wrapper("alpaca")("Is it?"),
+        formats.get_wrapper("alpaca")("Why?"),
     ]
     assert [o["targets"] for o in out] == [b"yes", b"because"]
     assert [o["id"] for o in out] == [1, 2]

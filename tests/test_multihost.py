@@ -8,21 +8,14 @@ checkpoint the two processes wrote onto its own mesh.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
-from test_train_resume import run_tiny
+from helpers import free_port, run_tiny
 
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
@@ -30,7 +23,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
     from mtllama_jax.models.llama.config import LlamaConfig
 
     two_dir, one_dir = str(tmp_path / "two"), str(tmp_path / "one")
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",

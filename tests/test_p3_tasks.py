@@ -5,40 +5,16 @@ import os
 import re
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import seqio
 import tensorflow as tf
-from conftest import session_spm
+from helpers import PARQUET_TASK, p3_rows, session_spm, write_parquet
 
 import mtllama_jax.tasks  # noqa: F401  (registers everything)
 from mtllama_jax import data, formats, vocab
 from mtllama_jax.tasks import mixing, p3
 
-PARQUET_TASK = "glue_mrpc_equivalent"
 TFRECORD_TASK = "glue_mrpc_paraphrase"
-
-
-def rows(n, prefix):
-    return [
-        {
-            "inputs_pretokenized": f"{prefix} question {i} because the premise ",
-            "targets_pretokenized": " yes" if i % 2 else "no maybe answer",
-            "answer_choices": ["no", "yes"],
-        }
-        for i in range(n)
-    ]
-
-
-def write_parquet(folder, split, records, shards=1):
-    os.makedirs(folder, exist_ok=True)
-    for s in range(shards):
-        part = records[s::shards]
-        pq.write_table(
-            pa.Table.from_pylist(part),
-            os.path.join(folder, f"{split}-{s:05d}-of-{shards:05d}.parquet"),
-        )
 
 
 def write_tfrecord(folder, split, records):
@@ -70,11 +46,11 @@ def write_tfrecord(folder, split, records):
 def p3_dir(tmp_path_factory):
     os.environ[vocab.TOKENIZER_ENV] = session_spm(tmp_path_factory)
     root = tmp_path_factory.mktemp("p3")
-    records = rows(40, "mrpc")
+    records = p3_rows(40, "mrpc")
     records[7]["targets_pretokenized"] = "  "  # an empty target
     write_parquet(str(root / PARQUET_TASK), "train", records, shards=2)
-    write_parquet(str(root / PARQUET_TASK), "validation", rows(6, "val"))
-    write_tfrecord(str(root / TFRECORD_TASK), "train", rows(30, "para"))
+    write_parquet(str(root / PARQUET_TASK), "validation", p3_rows(6, "val"))
+    write_tfrecord(str(root / TFRECORD_TASK), "train", p3_rows(30, "para"))
     os.environ[p3.P3_DIR_ENV] = str(root)
     yield str(root)
     del os.environ[p3.P3_DIR_ENV]

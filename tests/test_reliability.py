@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_resume import _worker_env, synthetic_batches
+from helpers import synthetic_batches, worker_env
 
 from mtllama_jax import (
     checkpoint_folder,
@@ -95,7 +95,7 @@ def test_a_second_signal_ends_the_process(tmp_path):
     """)
     proc = subprocess.run(
         [sys.executable, "-c", script],
-        env=_worker_env(),
+        env=worker_env(),
         timeout=120,
         capture_output=True,
         text=True,
@@ -232,7 +232,7 @@ def test_a_second_run_on_a_locked_model_dir_is_refused_naming_the_holder(tmp_pat
             f"with run_lock.ModelDirLock({str(tmp_path)!r}):\n"
             "    print('locked', flush=True); sys.stdin.readline()",
         ],
-        env=_worker_env(),
+        env=worker_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

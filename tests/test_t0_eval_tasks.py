@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import seqio
 import tensorflow as tf
-from conftest import session_spm
+from helpers import session_spm
 
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
 from mtllama_jax import evaluation, formats, task_metadata, vocab

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train_resume import synthetic_batches
+from helpers import synthetic_batches
 
 from mtllama_jax import losses, optim, partitioning, trainer
 from mtllama_jax.models.llama.config import LlamaConfig

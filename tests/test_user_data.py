@@ -4,8 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import session_spm
-from test_p3_tasks import PARQUET_TASK, rows, write_parquet
+from helpers import PARQUET_TASK, p3_rows, session_spm, write_parquet
 
 import gin
 import mtllama_jax.tasks  # noqa: F401
@@ -53,7 +52,7 @@ def test_lamini_jsonl_and_alpaca_json_layouts(tmp_path):
     b = user_data.register_user_task("alpaca_fixture", train_file=str(alpaca), wrapper="raw")
     got = segments(next(data.batches(a, sequence_length=512, batch_size=1, seed=0, num_epochs=1)))
     assert sorted(got) == [
-        (formats.wrap_prompt("alpaca", f"the question {i}"), "yes") for i in range(5)
+        (formats.get_wrapper("alpaca")(f"the question {i}"), "yes") for i in range(5)
     ]
     it = data.batches(b, sequence_length=512, batch_size=1, seed=0, num_epochs=1)
     assert segments(next(it)) == [("the summary\n\n### Input:\nthe article", "no maybe")]
@@ -71,7 +70,7 @@ def test_named_fields(tmp_path):
         wrapper="mtllama",
     )
     batch = next(data.batches(name, sequence_length=256, batch_size=1, seed=0, num_epochs=1))
-    assert segments(batch) == [(formats.wrap_prompt("mtllama", "the premise"), "because")]
+    assert segments(batch) == [(formats.get_wrapper("mtllama")("the premise"), "because")]
 
 
 def test_bad_json_names_file_and_line(tmp_path):
@@ -91,7 +90,7 @@ def test_bad_json_names_file_and_line(tmp_path):
 
 
 def test_gin_mixes_user_data_with_p3(tmp_path, monkeypatch):
-    write_parquet(str(tmp_path / "p3" / PARQUET_TASK), "train", rows(10, "mrpc"))
+    write_parquet(str(tmp_path / "p3" / PARQUET_TASK), "train", p3_rows(10, "mrpc"))
     monkeypatch.setenv(p3.P3_DIR_ENV, str(tmp_path / "p3"))
     mine = tmp_path / "mine.jsonl"
     mine.write_text(

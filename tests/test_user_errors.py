@@ -12,9 +12,8 @@ import os
 import sys
 
 import pytest
-from test_chat import model_dir  # noqa: F401 (fixture)
 
-from mtllama_jax import chat, checkpoints, exits, train
+from mtllama_jax import chat, checkpoint_folder, exits, train
 from mtllama_jax.models.llama.config import LlamaConfig
 
 
@@ -119,7 +118,7 @@ def test_eval_and_chat_skip_a_damaged_latest_step_and_name_a_damaged_requested_o
     shutil.copytree(model_dir[0], folder)
     step3 = os.path.join(folder, "checkpoints", "3")
     shutil.copytree(step3, os.path.join(folder, "checkpoints", "4"))
-    checkpoints.write_step_manifest(os.path.join(folder, "checkpoints", "4"))
+    checkpoint_folder.write_step_manifest(os.path.join(folder, "checkpoints", "4"))
     chunks = [
         os.path.join(r, n)
         for r, _, ns in os.walk(os.path.join(folder, "checkpoints", "4"))

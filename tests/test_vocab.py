@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import session_spm, train_llama_spm
+from helpers import session_spm, train_llama_spm
 
 from mtllama_jax.vocab import LlamaVocabulary
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import session_spm
+from helpers import session_spm
 
 import gin
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
