@@ -254,14 +254,16 @@ def load_params(folder, shardings=None, *, dtype=None, step: int | None = None):
         return ckptr.restore(path, target)
 
 
-def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | None = None):
-    """(config, params on the mesh, tokenizer path) of a checkpoint folder or MODEL_DIR.
+def open_checkpoint(folder, layout, step: int | None = None, dtype: str | None = None):
+    """(model, params on the layout's mesh, tokenizer path) of a checkpoint folder or MODEL_DIR.
 
+    `model` is the flax module built from the folder's config.json (`model.config`).
     A MODEL_DIR opens at its latest step, or `step`. `dtype` replaces the compute
     dtype of its config.json (one of config.COMPUTE_DTYPES); the params keep their
     stored dtype.
     """
     from mtllama_jax import partitioning
+    from mtllama_jax.model import LlamaForCausalLM
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
@@ -269,7 +271,8 @@ def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | N
     if dtype is not None:
         config = config.replace(dtype=dtype)
     tokenizer = tokenizer_path(folder)
-    shardings = partitioning.param_shardings(config, mesh, rules)
+    model = LlamaForCausalLM(config)
+    shardings = layout.param_shardings(partitioning.abstract_params(model))
     if os.path.isdir(os.path.join(folder, "checkpoints")):  # a training MODEL_DIR
         from mtllama_jax import checkpoints
 
@@ -281,7 +284,7 @@ def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | N
         _, params = checkpoints.restore_intact_params(folder, target, step)  # skips damage
     else:
         params = load_params(folder, shardings)
-    return config, params, tokenizer
+    return model, params, tokenizer
 
 
 def load_param(folder, param_path: tuple[str, ...], *, dtype=None, step: int | None = None):

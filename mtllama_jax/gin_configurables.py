@@ -29,7 +29,7 @@ def model_config_from_gin() -> model_config.LlamaConfig:
 
 @gin.configurable
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, rules: str = "fsdp"):
-    """The device mesh and logical rules (gin/mesh/*.gin).
+    """The `partitioning.Layout`: device mesh and logical rules (gin/mesh/*.gin).
 
     Args:
       data: data-parallel size (weights replicated across it).
@@ -37,7 +37,7 @@ def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, rules: str = "fsdp"):
       tensor: tensor-parallel size (heads, MLP, vocabulary split across it).
       rules: logical axis rule set of `partitioning.RULE_SETS`: data, fsdp, fsdp_tp.
     """
-    return partitioning.make_mesh(data, fsdp, tensor), partitioning.logical_axis_rules(rules)
+    return partitioning.Layout.create(data, fsdp, tensor, rules)
 
 
 def check_argument_types(name: str, fn, values: dict) -> None:

@@ -70,7 +70,7 @@ def test_one_shot_prompt_prints_the_greedy_reply(model_dir):
     vocab = LlamaVocabulary(os.path.join(folder, "tokenizer.model"))
     prompt = [1] + list(vocab.encode(MTLLAMA_SYSTEM + "### Human: hello river### Assistant:"))
     expect = (
-        decoding.Decoder(CONFIG)
+        decoding.Decoder(LlamaForCausalLM(CONFIG))
         .generate(
             params,
             [prompt],

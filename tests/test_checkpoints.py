@@ -11,15 +11,15 @@ from test_train_resume import run_tiny
 
 from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
 from mtllama_jax.config import LlamaConfig
+from mtllama_jax.model import LlamaForCausalLM
 
 CONFIG = LlamaConfig.tiny()
 
 
 def make_trainer(sizes, rules):
     return trainer.Trainer(
-        CONFIG,
-        partitioning.make_mesh(*sizes),
-        partitioning.logical_axis_rules(rules),
+        LlamaForCausalLM(CONFIG),
+        partitioning.Layout.create(*sizes, rules=rules),
         optim.make_optimizer(1e-3, weight_decay=0.1),
     )
 

@@ -54,9 +54,10 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
     """
     from mtllama_jax import optim, partitioning, train
     from mtllama_jax.config import LlamaConfig
+    from mtllama_jax.model import LlamaForCausalLM
 
     config = LlamaConfig.tiny()
-    mesh = (partitioning.make_mesh(1, -1, 1), partitioning.logical_axis_rules("fsdp"))
+    layout = partitioning.Layout.create(1, -1, 1, "fsdp")
     schedule = optim.learning_rate_schedule(3e-3, NUM_STEPS, "cosine", warmup_steps=2)
     tx = optim.make_optimizer(schedule, weight_decay=0.1)
     source = synthetic_batches(seed=1, rows=16, length=32, vocab=config.vocab_size)
@@ -75,8 +76,8 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
 
     kw.setdefault("checkpoint_every_steps", 3)
     return train.run(
-        config,
-        mesh,
+        LlamaForCausalLM(config),
+        layout,
         (tx, schedule),
         model_dir,
         kw.pop("num_steps", NUM_STEPS),
@@ -139,11 +140,11 @@ def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
 
     from mtllama_jax import optim, partitioning, trainer
     from mtllama_jax.config import LlamaConfig
+    from mtllama_jax.model import LlamaForCausalLM
 
     step_fn = trainer.Trainer(
-        LlamaConfig.tiny(),
-        partitioning.make_mesh(1, -1, 1),
-        partitioning.logical_axis_rules("fsdp"),
+        LlamaForCausalLM(LlamaConfig.tiny()),
+        partitioning.Layout.create(1, -1, 1, "fsdp"),
         optim.make_optimizer(optim.learning_rate_schedule(3e-3, NUM_STEPS, "cosine", 2), 0.1),
     )
     ckpt = checkpoints.TrainCheckpoints(resumed_dir)
