@@ -6,6 +6,11 @@ this module alone decides how those names map onto the mesh axes `data`,
 `fsdp` and `tensor`. A rule maps a logical name to mesh axes; earlier rules win,
 and a mesh axis is used once per array, so activations [batch, length, embed]
 put `fsdp` on batch while weights [embed, mlp] put it on embed.
+
+A `Layout` is one mesh with one rule set: the context traced model code runs
+in, and the shardings of params, optimizer state and batches. Functions that
+need the model take the flax module (or its abstract params), so this module
+does not depend on any model family.
 """
 
 from __future__ import annotations
