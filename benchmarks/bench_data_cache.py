@@ -196,13 +196,13 @@ def train_loop_ratio(cache_dir, workers, steps=24, rows=16, length=512):
     from mtllama_jax import optim, partitioning, trainer
     from mtllama_jax.data import pipeline
     from mtllama_jax.models.llama.config import LlamaConfig
+    from mtllama_jax.models.llama.model import LlamaForCausalLM
 
     tx = optim.make_optimizer(optim.learning_rate_schedule(1e-3, 100, "constant"), 0.0)
     s = spec(cache_dir, workers, rows, length)
     step_fn = trainer.Trainer(
-        LlamaConfig.tiny(),
-        partitioning.make_mesh(1, -1, 1),
-        partitioning.logical_axis_rules("fsdp"),
+        LlamaForCausalLM(LlamaConfig.tiny()),
+        partitioning.Layout.create(1, -1, 1, "fsdp"),
         tx,
         num_tasks=len(s.tasks),
     )

@@ -68,7 +68,7 @@ def main():
         [1] + rng.integers(3, CONFIG.vocab_size, args.prompt - 1).tolist()
         for _ in range(args.batch)
     ]
-    decoder = decoding.Decoder(CONFIG, length_bucket=BUCKET)
+    decoder = decoding.Decoder(model, length_bucket=BUCKET)
     forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
 
     def cached(n):

@@ -51,6 +51,7 @@ from mtllama_jax import (
     trainer,
 )
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.tasks import synthetic
 
 # gin/runs/demo.gin's model; tiny.gin's length.
@@ -66,6 +67,7 @@ CONFIG = LlamaConfig(
     dtype="float32",
     cpu_forms=jax.default_backend() == "cpu",
 )
+MODEL = LlamaForCausalLM(CONFIG)
 LENGTH, BATCH = 256, 8
 
 
@@ -77,12 +79,10 @@ def all_tasks() -> list[str]:
     ]
 
 
-def make_trainer(mesh, rules, steps: int) -> trainer.Trainer:
+def make_trainer(layout, steps: int) -> trainer.Trainer:
     """The demo's optimizer: AdamW 3e-3, cosine with 5% warmup, no weight decay."""
     schedule = optim.learning_rate_schedule(3e-3, steps, "cosine", warmup_fraction=0.05)
-    return trainer.Trainer(
-        CONFIG, mesh, rules, optim.make_optimizer(schedule, 0.0), schedule=schedule
-    )
+    return trainer.Trainer(MODEL, layout, optim.make_optimizer(schedule, 0.0), schedule=schedule)
 
 
 def train(step_fn: trainer.Trainer, mixture: str, steps: int, seed: int):
@@ -182,7 +182,7 @@ def chance(cluster: str) -> float:
     return 100.0 / len(examples[0].choices)
 
 
-def run_seed(seed, args, mesh, rules, step_fns, decoder, vocabulary):
+def run_seed(seed, args, layout, step_fns, decoder, vocabulary):
     """Every figure of one seed; results_seed<N>.json is rewritten after each part."""
     started = time.perf_counter()
     result: dict = {"mixture": {}}
@@ -195,9 +195,9 @@ def run_seed(seed, args, mesh, rules, step_fns, decoder, vocabulary):
         )
 
     surrogate = train(step_fns["surrogate"], "synthetic_train", args.surrogate_steps, seed)
-    init = partitioning.init_params(CONFIG, mesh, rules, jax.random.key(seed))
+    init = partitioning.init_params(MODEL, layout, jax.random.key(seed))
     print(f"seed {seed}: surrogate trained ({time.perf_counter() - started:.0f} s)", flush=True)
-    embedder = taskemb.Embedder(CONFIG, mesh, rules, batch_size=16, max_length=LENGTH)
+    embedder = taskemb.Embedder(MODEL, layout, batch_size=16, max_length=LENGTH)
     tasks = all_tasks()
     ari, emb = clusters_figure(
         embedder, surrogate, init, tasks, args.num_examples, seed, args.out if seed == 0 else None
@@ -315,21 +315,18 @@ def main():
         return
     gin.bind_parameter("synthetic_wrapper.name", "raw")  # the demo's prompts
     os.makedirs(args.out, exist_ok=True)
-    mesh = partitioning.make_mesh(1, -1, 1)
-    rules = partitioning.logical_axis_rules("fsdp")
+    layout = partitioning.Layout.create(1, -1, 1, "fsdp")
     step_fns = {
-        "surrogate": make_trainer(mesh, rules, args.surrogate_steps),
-        "mixture": make_trainer(mesh, rules, args.mixture_steps),
+        "surrogate": make_trainer(layout, args.surrogate_steps),
+        "mixture": make_trainer(layout, args.mixture_steps),
     }
-    decoder = decoding.Decoder(CONFIG, mesh, rules)
+    decoder = decoding.Decoder(MODEL, layout)
     for seed in args.seeds:
         if "seconds" in results.get(str(seed), {}) and len(results[str(seed)]["mixture"]) == len(
             synthetic.HELD_OUT_CLUSTERS
         ):
             continue
-        results[str(seed)] = run_seed(
-            seed, args, mesh, rules, step_fns, decoder, synthetic.vocabulary()
-        )
+        results[str(seed)] = run_seed(seed, args, layout, step_fns, decoder, synthetic.vocabulary())
     print(tables(results))
 
 

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from mtllama_jax import metrics, optim, partitioning, trainer  # noqa: E402
 from mtllama_jax.models.llama.config import LlamaConfig  # noqa: E402
+from mtllama_jax.models.llama.model import LlamaForCausalLM  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(),  # LlamaConfig.tiny()
@@ -71,11 +72,9 @@ def make_batch(rows: int, length: int, vocab: int, seed: int = 0):
 
 def time_jax(config: LlamaConfig, batch, steps: int) -> float:
     """Median seconds per jitted train step on one device."""
-    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     t = trainer.Trainer(
-        config,
-        mesh,
-        partitioning.logical_axis_rules("data"),
+        LlamaForCausalLM(config),
+        partitioning.Layout.one_device(),
         optim.make_optimizer(1e-4, weight_decay=0.0, clip_norm=1.0),
     )
     state = t.init_state(jax.random.key(0))

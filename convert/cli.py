@@ -119,7 +119,7 @@ def run(args) -> str:
     dtype = DTYPES.get(getattr(args, "dtype", None) or "")
     if args.command == "hf-to-jax":
         inputs = [args.hf]
-        mesh = rules = None
+        layout = None
         if args.mesh:
             from mtllama_jax import partitioning
 
@@ -129,15 +129,13 @@ def run(args) -> str:
                 raise ValueError(
                     f"--mesh {args.mesh!r}: give DATA,FSDP,TENSOR, e.g. 1,-1,1"
                 ) from None
-            mesh = partitioning.make_mesh(*sizes)
-            rules = partitioning.logical_axis_rules(args.rules)
+            layout = partitioning.Layout.create(*sizes, rules=args.rules)
         action = functools.partial(
             orbax_hf.hf_to_jax,
             args.hf,
             args.out,
             dtype=dtype,
-            mesh=mesh,
-            rules=rules,
+            layout=layout,
             overwrite=args.overwrite,
             vocab_size=args.vocab_size,
             allow_no_tokenizer=args.no_tokenizer,

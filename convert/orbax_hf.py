@@ -31,8 +31,7 @@ def hf_to_jax(
     *,
     dtype=None,
     overwrite=False,
-    mesh=None,
-    rules=None,
+    layout=None,
     vocab_size=None,
     allow_no_tokenizer=False,
 ) -> None:
@@ -42,6 +41,7 @@ def hf_to_jax(
     the LM head: LLaMA's 32000 -> MT-LLaMA's 32001 for `[PAD]`, the zero row the
     published delta is relative to (`[PAD]` is never a training target). A folder
     without tokenizer.model is refused unless `allow_no_tokenizer` (then warned).
+    With a `partitioning.Layout`, each param is written in its sharded layout.
     """
     hf_dir = os.fspath(hf_dir)
     checkpoint_folder.check_writable(out, overwrite=overwrite)
@@ -74,10 +74,11 @@ def hf_to_jax(
             )
         config = config.replace(vocab_size=vocab_size)
     shardings = {}
-    if mesh is not None:
+    if layout is not None:
         from mtllama_jax import partitioning
 
-        shardings = hf_params.flatten(partitioning.param_shardings(config, mesh, rules))
+        abstract = partitioning.abstract_params(models.build_module(config))
+        shardings = hf_params.flatten(layout.param_shardings(abstract))
     remaining = {}  # param path -> HF tensors still to fill in
     for t in mappings:
         remaining[t.param_path] = remaining.get(t.param_path, 0) + 1

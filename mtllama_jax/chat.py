@@ -71,13 +71,11 @@ class Chat:
         from mtllama_jax.vocab import LlamaVocabulary
 
         devices = jax.devices() if -1 in mesh else jax.devices()[: math.prod(mesh)]
-        self.mesh = partitioning.make_mesh(*mesh, devices=devices)
-        self.rules = partitioning.logical_axis_rules(rules)
-        self.config, self.params, tokenizer = open_checkpoint(
-            checkpoint, self.mesh, self.rules, dtype=dtype
-        )
+        self.layout = partitioning.Layout.create(*mesh, rules=rules, devices=devices)
+        model, self.params, tokenizer = open_checkpoint(checkpoint, self.layout, dtype=dtype)
+        self.config = model.config
         self.vocab = LlamaVocabulary(tokenizer, mtllama_quirks=mtllama_quirks)
-        self.decoder = decoding.Decoder(self.config, self.mesh, self.rules)
+        self.decoder = decoding.Decoder(model, self.layout)
         self._cut_said = False
 
     def reply(

@@ -301,9 +301,10 @@ def load_params(folder, shardings=None, *, dtype=None, step: int | None = None):
         return ckptr.restore(path, target)
 
 
-def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | None = None):
-    """(config, params on the mesh, tokenizer path) of a checkpoint folder or MODEL_DIR.
+def open_checkpoint(folder, layout, step: int | None = None, dtype: str | None = None):
+    """(model, params on the layout's mesh, tokenizer path) of a checkpoint folder or MODEL_DIR.
 
+    `model` is the flax module built from the folder's config.json (`model.config`).
     A MODEL_DIR opens at its latest step, or `step`. `dtype` replaces the compute
     dtype of its config.json (one of config.COMPUTE_DTYPES); the params keep their
     stored dtype.
@@ -316,12 +317,13 @@ def open_checkpoint(folder, mesh, rules, step: int | None = None, dtype: str | N
     if dtype is not None:
         config = config.replace(dtype=dtype)
     tokenizer = tokenizer_path(folder)
-    shardings = partitioning.param_shardings(config, mesh, rules)
+    model = models.build_module(config)
+    shardings = layout.param_shardings(partitioning.abstract_params(model))
     if is_model_dir(folder):
         _, params = load_intact_params(folder, shardings, step)
     else:
         params = load_params(folder, shardings)
-    return config, params, tokenizer
+    return model, params, tokenizer
 
 
 def load_intact_params(model_dir, shardings, step: int | None = None):

@@ -1,7 +1,7 @@
 """Inference with a KV cache: batched generation and log-likelihood scoring.
 
 `Decoder` compiles three functions for one model on one mesh, sharded by the
-training rules (params by `partitioning.param_shardings`, the cache and every
+training rules (params by `partitioning.Layout.param_shardings`, the cache and every
 [batch, length] array over `batch`), so a 7B model decodes on the mesh it trained on:
 
 * prefill: the left-padded prompts in one call (pad slots are segment 0, real
@@ -23,7 +23,6 @@ is the input: the last token is only a target, so one more context token fits).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Callable, Sequence
@@ -32,11 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import partitioning
-from mtllama_jax.models.llama.config import LlamaConfig
-from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,29 +93,24 @@ def _bucket(n: int, bucket: int, cap: int) -> int:
 
 
 class Decoder:
-    """Compiled prefill / step / score for one model config on one mesh."""
+    """Compiled prefill / step / score for one model on one layout."""
 
     def __init__(
         self,
-        config: LlamaConfig,
-        mesh: Mesh | None = None,
-        rules=None,
+        model: nn.Module,
+        layout: partitioning.Layout | None = None,
         *,
         length_bucket: int = 64,
     ):
-        if mesh is None:  # one device, nothing sharded
-            mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        self.config, self.mesh = config, mesh
-        self.rules = partitioning.logical_axis_rules("data") if rules is None else rules
+        """`model`: the flax language model (carries `.config`); no layout: one device."""
+        self.model, self.config = model, model.config
+        self.layout = partitioning.Layout.one_device() if layout is None else layout
         self.length_bucket = length_bucket
-        self.model = LlamaForCausalLM(config)
-        self.param_shardings = partitioning.param_shardings(config, mesh, self.rules)
-        self.row_sharding = partitioning.logical_sharding(mesh, self.rules, ("batch",))
-        self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
-        spec = self.row_sharding.spec[0] if self.row_sharding.spec else None
-        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        self.batch_multiple = math.prod(mesh.shape[a] for a in axes)
-        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.param_shardings = self.layout.param_shardings(partitioning.abstract_params(model))
+        self.row_sharding = self.layout.logical_sharding(("batch",))
+        self.batch_sharding = self.layout.batch_sharding()
+        self.batch_multiple = self.layout.batch_shards
+        self._replicated = self.layout.replicated()
         self._compiled: dict = {}
 
     # ---- public API ----------------------------------------------------------------------
@@ -184,7 +175,7 @@ class Decoder:
 
         params = self.put_params(params)
         put = self._put_rows
-        with self._context():
+        with self.layout.context():
             cache, token, logits = prefill(params, put(tokens), put(positions), put(segments), rng)
             start = put(lengths)
             out = [[] for _ in range(rows)]
@@ -297,19 +288,13 @@ class Decoder:
             weights[i, start - 1 : n] = 1.0
         fn = self._score_fn(batch, length)
         put = self._put_rows
-        with self._context():
+        with self.layout.context():
             sums, greedy = fn(
                 self.put_params(params), put(tokens), put(segments), put(targets), put(weights)
             )
         return (np.asarray(sums, np.float64)[:rows], np.asarray(greedy, bool)[:rows], truncated)
 
     # ---- compiled pieces -----------------------------------------------------------------
-
-    def _context(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
 
     def _put_rows(self, array: np.ndarray) -> jax.Array:
         sharding = self.row_sharding if array.ndim == 1 else self.batch_sharding
@@ -320,8 +305,7 @@ class Decoder:
         boxed = jax.eval_shape(
             lambda: self.model.init(jax.random.key(0), tokens, decode=True)["cache"]
         )
-        specs = nn.get_partition_spec(boxed)
-        return nn.logical_to_mesh_sharding(specs, self.mesh, self.rules), nn.unbox(boxed)
+        return self.layout.param_shardings(boxed), nn.unbox(boxed)
 
     def _generation_fns(self, batch: int, length: int, max_length: int, sampling: Sampling):
         key = ("generate", batch, length, max_length, sampling)

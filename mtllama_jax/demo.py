@@ -31,6 +31,7 @@ from mtllama_jax import (
     exits,
     launch,
     metrics,
+    models,
     reports,
     train,
     trainer,
@@ -50,16 +51,16 @@ PROTOCOL_METRICS = [
 
 def initial_params(seed: int):
     """The params `train.run` starts a fresh run from (same seed, same init)."""
-    config = model_config_from_gin()
-    mesh, rules = train.mesh()
-    step = trainer.Trainer(config, mesh, rules, train.optimizer(1)[0])
-    return config, mesh, rules, step.init_state(jax.random.key(seed)).params
+    model = models.build_module(model_config_from_gin())
+    layout = train.mesh()
+    step = trainer.Trainer(model, layout, train.optimizer(1)[0])
+    return model, layout, step.init_state(jax.random.key(seed)).params
 
 
-def trained_params(model_dir: str, mesh, rules):
+def trained_params(model_dir: str, layout):
     from mtllama_jax.checkpoint_folder import open_checkpoint
 
-    _, params, _ = open_checkpoint(model_dir, mesh, rules)
+    _, params, _ = open_checkpoint(model_dir, layout)
     return params
 
 
@@ -168,12 +169,12 @@ def demo(
         max_new_tokens=max_new_tokens,
         max_examples=max_examples,
     )
-    config, mesh, rules, params = initial_params(seed)
+    model, layout, params = initial_params(seed)
     vocabulary = synthetic.vocabulary()
-    decoder = decoding.Decoder(config, mesh, rules)
+    decoder = decoding.Decoder(model, layout)
     print("== zero-shot evaluation before training", flush=True)
     before = evaluation.evaluate(
-        params, config, vocabulary, list(HELD_OUT), options, decoder=decoder, progress=True
+        params, model, vocabulary, list(HELD_OUT), options, decoder=decoder, progress=True
     )
     del params
     print("== multi-task training on synthetic_train", flush=True)
@@ -186,8 +187,8 @@ def demo(
         raise SystemExit(exits.PREEMPTED if reason == "preempted" else exits.NONFINITE)
     print("== zero-shot evaluation after training", flush=True)
     after = evaluation.evaluate(
-        trained_params(model_dir, mesh, rules),
-        config,
+        trained_params(model_dir, layout),
+        model,
         vocabulary,
         list(HELD_OUT),
         options,

@@ -78,10 +78,10 @@ def evaluate_checkpoint(
     check_argument_types("evaluate_checkpoint", evaluate_checkpoint, locals())
     if jax.process_index() == 0:  # before the evaluation, not after it
         checkpoint_folder.check_writable(os.path.join(output_dir, "results.json"), overwrite=True)
-    mesh_, rules = mesh()
+    layout = mesh()
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise ValueError(f"evaluate_checkpoint.dtype={dtype!r}: choose one of {COMPUTE_DTYPES}")
-    config, params, tokenizer = open_checkpoint(checkpoint, mesh_, rules, step, dtype)
+    model, params, tokenizer = open_checkpoint(checkpoint, layout, step, dtype)
     options = evaluation.EvalOptions(
         protocols=tuple(protocols),
         split=split,
@@ -93,16 +93,15 @@ def evaluate_checkpoint(
     )
     results = evaluation.evaluate(
         params,
-        config,
+        model,
         checkpoint_vocabulary(tokenizer),
         mixture_or_task_names,
         options,
-        mesh=mesh_,
-        rules=rules,
+        layout=layout,
         progress=True,
     )
     results["checkpoint"] = os.path.abspath(checkpoint)
-    results["dtype"] = config.dtype
+    results["dtype"] = model.config.dtype
     results["label"] = label or os.path.basename(os.path.normpath(checkpoint))
     if jax.process_index() == 0:
         write_outputs(results, output_dir, results["label"])

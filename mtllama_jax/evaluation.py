@@ -18,7 +18,7 @@ and counted per task.
 
 Examples come from the tasks' features: `inputs` (token ids of the prompt),
 `answer_choices`, `label` (-1: none), `answers` (QA gold spans), `example_id`.
-`evaluate` is a plain function (params, config, vocabulary, task names) so the
+`evaluate` is a plain function (params, model, vocabulary, task names) so the
 training loop can call it; `train_hook` adapts it to the trainer's hook.
 """
 
@@ -31,8 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mtllama_jax import answer_matching, decoding, task_metadata
-from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax import answer_matching, decoding, partitioning, task_metadata
 
 PROTOCOLS = ("generate", "rank")
 
@@ -111,23 +110,23 @@ def _plain(example: Mapping[str, Any]) -> dict:
 
 def evaluate(
     params,
-    config: LlamaConfig,
+    model,
     vocabulary,
     names: Sequence[str],
     options: EvalOptions = EvalOptions(),
     *,
     decoder: decoding.Decoder | None = None,
-    mesh=None,
-    rules=None,
+    layout: partitioning.Layout | None = None,
     progress: bool = False,
 ) -> dict:
     """Evaluates every task of `names` (tasks or mixtures); returns the results dict.
 
-    `vocabulary` is the tasks' seqio vocabulary (decodes generated ids, encodes
-    answer choices). Result: {"tasks": {name: {...}}, "skipped": {name: reason},
-    "t0_median": {dataset: {metric: median}}, "options": {...}}.
+    `model` is the flax language model (a `decoder` of it may be given instead
+    of being built on `layout`). `vocabulary` is the tasks' seqio vocabulary
+    (decodes generated ids, encodes answer choices). Result: {"tasks": {name: {...}},
+    "skipped": {name: reason}, "t0_median": {dataset: {metric: median}}, "options": {...}}.
     """
-    decoder = decoder or decoding.Decoder(config, mesh, rules)
+    decoder = decoder or decoding.Decoder(model, layout)
     tasks, skipped = {}, {}
     for name in task_names(names):
         try:
@@ -370,20 +369,20 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def train_hook(names: Sequence[str], vocabulary, options: EvalOptions = EvalOptions()):
-    """The trainer's zero-shot hook: `hook(params, step, config, mesh, rules) -> metrics`.
+    """The trainer's zero-shot hook: `hook(params, step, model, layout) -> metrics`.
 
     Bind it as `zero_shot_hook.evaluate` (see `mtllama_jax.train`); the compiled
     decoder is kept between calls.
     """
     decoders: dict = {}
 
-    def hook(params, step, config, mesh, rules):
+    def hook(params, step, model, layout):
         del step
-        key = (config, id(mesh))
+        key = (model.config, id(layout.mesh))
         if key not in decoders:
-            decoders[key] = decoding.Decoder(config, mesh, rules)
+            decoders[key] = decoding.Decoder(model, layout)
         return flat_metrics(
-            evaluate(params, config, vocabulary, names, options, decoder=decoders[key])
+            evaluate(params, model, vocabulary, names, options, decoder=decoders[key])
         )
 
     return hook

@@ -52,7 +52,7 @@ def options_from_gin(cls):
 
 @gin.configurable
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, rules: str = "fsdp"):
-    """The device mesh and logical rules (gin/mesh/*.gin).
+    """The `partitioning.Layout`: device mesh and logical rules (gin/mesh/*.gin).
 
     Args:
       data: data-parallel size (weights replicated across it).
@@ -60,7 +60,7 @@ def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, rules: str = "fsdp"):
       tensor: tensor-parallel size (heads, MLP, vocabulary split across it).
       rules: logical axis rule set of `partitioning.RULE_SETS`: data, fsdp, fsdp_tp.
     """
-    return partitioning.make_mesh(data, fsdp, tensor), partitioning.logical_axis_rules(rules)
+    return partitioning.Layout.create(data, fsdp, tensor, rules)
 
 
 def check_argument_types(name: str, fn, values: dict) -> None:

@@ -65,8 +65,8 @@ MODEL_ARGS = {
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 
 
-def open_model(path: str, mesh, rules, step: int | None = None):
-    """(config, params on the mesh, tokenizer.model path) of any folder that holds a model."""
+def open_model(path: str, layout: partitioning.Layout, step: int | None = None):
+    """(model, params on the layout's mesh, tokenizer.model path) of any folder that holds one."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"--model_args checkpoint={path}: no such folder; " + _expected(path)
@@ -74,7 +74,7 @@ def open_model(path: str, mesh, rules, step: int | None = None):
     if checkpoint_folder.is_model_dir(path) or os.path.isdir(
         os.path.join(path, checkpoint_folder.PARAMS)
     ):
-        return checkpoint_folder.open_checkpoint(path, mesh, rules, step)
+        return checkpoint_folder.open_checkpoint(path, layout, step)
     weights = [
         n
         for n in os.listdir(path)
@@ -93,8 +93,9 @@ def open_model(path: str, mesh, rules, step: int | None = None):
     tensors = {name: hf.get(name) for name in hf.names()}
     params = hf_params.hf_to_params(tensors, config, path)
     del tensors
-    params = jax.device_put(params, partitioning.param_shardings(config, mesh, rules))
-    return config.replace(param_dtype=str(params["embed"]["embedding"].dtype)), params, tokenizer
+    model = models.build_module(config.replace(param_dtype=str(params["embed"]["embedding"].dtype)))
+    params = jax.device_put(params, layout.param_shardings(partitioning.abstract_params(model)))
+    return model, params, tokenizer
 
 
 def _expected(path: str) -> str:
@@ -148,17 +149,19 @@ class MtllamaLM(TemplateLM):
         args = dict(model_args)
         sizes = _parse_mesh(args.get("mesh", "1x1x1"))
         devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
-        mesh = partitioning.make_mesh(*sizes, devices=devices)
-        rules = partitioning.logical_axis_rules(args.get("rules", "data"))
+        layout = partitioning.Layout.create(
+            *sizes, rules=args.get("rules", "data"), devices=devices
+        )
         path = str(args["checkpoint"])
-        config, self.params, tokenizer = open_model(path, mesh, rules, args.get("step"))
+        model, self.params, tokenizer = open_model(path, layout, args.get("step"))
+        config = model.config
         if args.get("dtype"):
             config = config.replace(dtype=str(args["dtype"]))
         if args.get("max_length"):
             config = config.replace(max_position_embeddings=int(args["max_length"]))
         self.config = config
         self.decoder = decoding.Decoder(
-            config, mesh, rules, length_bucket=int(args.get("length_bucket", 64))
+            model.clone(config=config), layout, length_bucket=int(args.get("length_bucket", 64))
         )
         self.sp = spm.SentencePieceProcessor(model_file=tokenizer)
         add_bos = args.get("add_bos_token")

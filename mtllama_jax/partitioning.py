@@ -6,10 +6,17 @@ this module alone decides how those names map onto the mesh axes `data`,
 `fsdp` and `tensor`. A rule maps a logical name to mesh axes; earlier rules win,
 and a mesh axis is used once per array, so activations [batch, length, embed]
 put `fsdp` on batch while weights [embed, mlp] put it on embed.
+
+A `Layout` is one mesh with one rule set: the context traced model code runs
+in, and the shardings of params, optimizer state and batches. Functions that
+need the model take the flax module (or its abstract params), so this module
+does not depend on any model family.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -17,9 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from mtllama_jax.models.llama.config import LlamaConfig
-from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("batch", "length")
@@ -77,67 +81,109 @@ def make_mesh(
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
-def logical_sharding(mesh: Mesh, rules, logical_axes: Sequence[str | None]) -> NamedSharding:
-    """The NamedSharding of an array whose axes carry these logical names."""
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
-    return NamedSharding(mesh, spec)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A device mesh and the logical axis rules that map the model's axis names onto it."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def create(
+        cls,
+        data: int = 1,
+        fsdp: int = -1,
+        tensor: int = 1,
+        rules: str = "fsdp",
+        devices: Sequence[jax.Device] | None = None,
+    ) -> Layout:
+        """`make_mesh(data, fsdp, tensor, devices)` under the rule set named `rules`."""
+        return cls(make_mesh(data, fsdp, tensor, devices), logical_axis_rules(rules))
+
+    @classmethod
+    def one_device(cls) -> Layout:
+        """The first device alone, nothing sharded (rules `data`)."""
+        return cls.create(1, 1, 1, "data", jax.devices()[:1])
+
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and the rules in force, as traced model code needs them."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def logical_sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+        """The NamedSharding of an array whose axes carry these logical names."""
+        return NamedSharding(self.mesh, nn.logical_to_mesh_axes(tuple(logical_axes), self.rules))
+
+    def batch_sharding(self) -> NamedSharding:
+        """Sharding of every [batch, length] array of a batch."""
+        return self.logical_sharding(BATCH_AXES)
+
+    def replicated(self) -> NamedSharding:
+        """A whole copy on every device."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the batch axis is split over."""
+        spec = self.batch_sharding().spec
+        entry = spec[0] if spec else None
+        if entry is None:
+            return ()
+        return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+    @property
+    def batch_shards(self) -> int:
+        """How many pieces the batch axis is split into (batch sizes must be multiples)."""
+        return math.prod(self.mesh.shape[a] for a in self.batch_axes)
+
+    def param_shardings(self, abstract_params):
+        """NamedShardings of the (unboxed) params, from the boxed params' logical axes.
+
+        Any boxed tree works the same way (the KV cache, say).
+        """
+        return nn.logical_to_mesh_sharding(
+            nn.get_partition_spec(abstract_params), self.mesh, self.rules
+        )
+
+    def shardings_like_params(self, abstract_tree, abstract_params):
+        """Shardings for a tree that embeds param-shaped leaves (optimizer state, say).
+
+        A leaf whose key path ends with a param's path and has that param's shape
+        takes the param's sharding; every other leaf (step counts, scalars) is
+        replicated.
+        """
+        flat = jax.tree_util.tree_flatten_with_path
+        shapes = {_path_names(p): leaf.shape for p, leaf in flat(nn.unbox(abstract_params))[0]}
+        by_path = {_path_names(p): s for p, s in flat(self.param_shardings(abstract_params))[0]}
+        replicated = self.replicated()
+
+        def pick(path, leaf):
+            names = _path_names(path)
+            for start in range(len(names)):
+                suffix = names[start:]
+                if suffix in by_path and shapes[suffix] == getattr(leaf, "shape", None):
+                    return by_path[suffix]
+            return replicated
+
+        return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Sharding of every [batch, length] array of a training batch."""
-    return logical_sharding(mesh, rules, BATCH_AXES)
-
-
-def abstract_params(config: LlamaConfig, batch: int = 1, length: int = 8):
-    """Shapes, dtypes and logical axes (boxed) of the params; builds nothing."""
-    model = LlamaForCausalLM(config)
+def abstract_params(module: nn.Module, batch: int = 1, length: int = 8):
+    """Shapes, dtypes and logical axes (boxed) of a language model's params; builds nothing."""
     tokens = jnp.zeros((batch, length), jnp.int32)
-    return jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.key(0))
+    return jax.eval_shape(lambda rng: module.init(rng, tokens)["params"], jax.random.key(0))
 
 
-def param_shardings(config: LlamaConfig, mesh: Mesh, rules):
-    """NamedShardings of the (unboxed) param tree under these rules."""
-    specs = nn.get_partition_spec(abstract_params(config))
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
-def init_params(config: LlamaConfig, mesh: Mesh, rules, rng: jax.Array):
+def init_params(module: nn.Module, layout: Layout, rng: jax.Array):
     """Random params created directly in their sharded layout (no full copy on any device)."""
-    model = LlamaForCausalLM(config)
-    shardings = param_shardings(config, mesh, rules)
+    shardings = layout.param_shardings(abstract_params(module))
     tokens = jnp.zeros((1, 8), jnp.int32)
 
     def init(rng):
-        return nn.unbox(model.init(rng, tokens)["params"])
+        return nn.unbox(module.init(rng, tokens)["params"])
 
     return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def tree_shardings_like_params(abstract_tree, params_shardings, abstract_param_tree, mesh: Mesh):
-    """Shardings for a tree that embeds param-shaped leaves (optimizer state, say).
-
-    A leaf whose key path ends with a param's path and has that param's shape
-    takes the param's sharding; every other leaf (step counts, scalars) is
-    replicated.
-    """
-    shapes = {
-        _path_names(p): leaf.shape
-        for p, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_param_tree))[0]
-    }
-    by_path = {
-        _path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]
-    }
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        names = _path_names(path)
-        for start in range(len(names)):
-            suffix = names[start:]
-            if suffix in by_path and shapes[suffix] == getattr(leaf, "shape", None):
-                return by_path[suffix]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
 def _path_names(path) -> tuple[str, ...]:

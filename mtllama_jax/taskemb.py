@@ -40,9 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from mtllama_jax import losses, models, partitioning
+from mtllama_jax import losses, partitioning
 from mtllama_jax.models.llama.config import LlamaConfig
 
 # Which parameters the Fisher is taken over: param paths ("/"-joined) of the model.
@@ -78,15 +77,13 @@ class Embedding:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def subset_paths(config: LlamaConfig, subset: str) -> tuple[str, ...]:
-    """The param paths of a named subset (checked against the model's tree)."""
+def subset_paths(abstract_params, subset: str) -> tuple[str, ...]:
+    """The param paths of a named subset (checked against the model's abstract params)."""
     if subset not in PARAM_SUBSETS:
         raise ValueError(f"taskemb subset={subset!r}: choose one of {tuple(PARAM_SUBSETS)}")
     names = {
         "/".join(_names(p))
-        for p, _ in jax.tree_util.tree_leaves_with_path(
-            nn.unbox(partitioning.abstract_params(config))
-        )
+        for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_params))
     }
     missing = [p for p in PARAM_SUBSETS[subset] if p not in names]
     if missing:
@@ -128,34 +125,31 @@ def normalise(vector: np.ndarray) -> np.ndarray:
 
 
 class Embedder:
-    """Compiled Fisher and hidden-state passes of one surrogate model on one mesh."""
+    """Compiled Fisher and hidden-state passes of one surrogate model on one layout."""
 
     def __init__(
         self,
-        config: LlamaConfig,
-        mesh=None,
-        rules=None,
+        model: nn.Module,
+        layout: partitioning.Layout | None = None,
         *,
         subset: str = "norms",
         batch_size: int = 16,
         max_length: int | None = None,
         length_bucket: int = 64,
     ):
-        if mesh is None:
-            mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        self.config, self.mesh = config, mesh
-        self.rules = partitioning.logical_axis_rules("data") if rules is None else rules
-        self.paths = subset_paths(config, subset)
-        self.model = models.build_module(config)
-        self.param_shardings = partitioning.param_shardings(config, mesh, self.rules)
-        self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
-        spec = self.batch_sharding.spec[0] if self.batch_sharding.spec else None
-        self.row_axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        multiple = math.prod(mesh.shape[a] for a in self.row_axes)
+        """`model`: the flax language model (carries `.config`); no layout: one device."""
+        self.model, self.config = model, model.config
+        self.layout = partitioning.Layout.one_device() if layout is None else layout
+        abstract = partitioning.abstract_params(model)
+        self.paths = subset_paths(abstract, subset)
+        self.param_shardings = self.layout.param_shardings(abstract)
+        self.batch_sharding = self.layout.batch_sharding()
+        self.row_axes = self.layout.batch_axes
+        multiple = self.layout.batch_shards
         if batch_size < 1:
             raise ValueError(f"taskemb batch_size={batch_size}: must be >= 1")
         self.batch_size = multiple * math.ceil(batch_size / multiple)
-        self.max_length = max_length or config.max_position_embeddings
+        self.max_length = max_length or self.config.max_position_embeddings
         self.length_bucket = length_bucket
         self.cut_prompts = 0
         self._compiled: dict = {}
@@ -240,9 +234,9 @@ class Embedder:
             fn = jax.jit(
                 body,
                 in_shardings=(self.param_shardings, b, b, b, b, b),
-                out_shardings=NamedSharding(self.mesh, PartitionSpec()),
+                out_shardings=self.layout.replicated(),
             )
-            self._compiled[key] = _in_context(fn, self.mesh, self.rules)
+            self._compiled[key] = _in_context(fn, self.layout)
         return self._compiled[key]
 
     def _fisher_body(self, params, tokens, targets, positions, segments, weights):
@@ -259,7 +253,7 @@ class Embedder:
         per_example = jax.vmap(
             jax.grad(loglik), in_axes=(None, 0), spmd_axis_name=self.row_axes or None
         )
-        with nn.logical_axis_rules(_unbatched(self.rules, self.row_axes)):
+        with nn.logical_axis_rules(_unbatched(self.layout.rules, self.row_axes)):
             grads = per_example(leaves, (tokens, targets, positions, segments, weights))
         return jnp.concatenate(
             [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0).reshape(-1) for g in grads]
@@ -298,9 +292,9 @@ def _unbatched(rules, row_axes: tuple[str, ...]):
     return tuple((name, None if name == "batch" else keep(axes)) for name, axes in rules)
 
 
-def _in_context(fn, mesh, rules):
+def _in_context(fn, layout: partitioning.Layout):
     def call(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with layout.context():
             return fn(*args)
 
     return call
@@ -443,7 +437,7 @@ class AnswerModel:
             protocols=("rank",), split=split, batch_size=self.batch_size, max_examples=max_examples
         )
         results = evaluation.evaluate(
-            self.params, self.decoder.config, self.vocabulary, tasks, options, decoder=self.decoder
+            self.params, self.decoder.model, self.vocabulary, tasks, options, decoder=self.decoder
         )
         return {t: r["rank"]["accuracy"] for t, r in results["tasks"].items() if "rank" in r}
 

@@ -38,6 +38,7 @@ from mtllama_jax import (
     decoding,
     evaluation,
     launch,
+    models,
     partitioning,
     taskemb,
     taskemb_analysis,
@@ -47,14 +48,14 @@ from mtllama_jax.gin_configurables import mesh
 MODES = ("similarity", "prompts", "mixture")
 
 
-def open_surrogate(folder: str, mesh_, rules, step: int | None = None):
-    """(config, params on the mesh, tokenizer.model path or None) of a checkpoint folder."""
-    config = checkpoint_folder.load_config(folder)
+def open_surrogate(folder: str, layout: partitioning.Layout, step: int | None = None):
+    """(model, params on the layout's mesh, tokenizer.model path or None) of a checkpoint folder."""
+    model = models.build_module(checkpoint_folder.load_config(folder))
     params = checkpoint_folder.load_params(
-        folder, partitioning.param_shardings(config, mesh_, rules), step=step
+        folder, layout.param_shardings(partitioning.abstract_params(model)), step=step
     )
     tokenizer = os.path.join(folder, checkpoint_folder.TOKENIZER)
-    return config, params, tokenizer if os.path.exists(tokenizer) else None
+    return model, params, tokenizer if os.path.exists(tokenizer) else None
 
 
 @gin.configurable("taskemb")
@@ -108,8 +109,8 @@ def job(
     if mode not in MODES:
         raise ValueError(f"taskemb.mode={mode!r}: choose one of {MODES}")
     os.makedirs(output_dir, exist_ok=True)
-    mesh_, rules = mesh()
-    config, params, tokenizer = open_surrogate(checkpoint, mesh_, rules, step)
+    layout = mesh()
+    surrogate, params, tokenizer = open_surrogate(checkpoint, layout, step)
     _point_tasks_at(tokenizer)
     tasks = evaluation.task_names(mixture_or_task_names)
     if mode == "mixture":
@@ -121,14 +122,14 @@ def job(
         tasks = [target] + pool
         methods = ("data",)
     for task in tasks:
-        taskemb.check_vocabulary(config, tokenizer, task)
+        taskemb.check_vocabulary(surrogate.config, tokenizer, task)
     embedder = taskemb.Embedder(
-        config, mesh_, rules, subset=subset, batch_size=batch_size, max_length=max_length
+        surrogate, layout, subset=subset, batch_size=batch_size, max_length=max_length
     )
     model = None
     if mode == "prompts" or "model" in methods:
         model = _model(
-            model_checkpoint, mesh_, rules, config, params, tasks[0], max_new_tokens, batch_size
+            model_checkpoint, layout, surrogate, params, tasks[0], max_new_tokens, batch_size
         )
     if mode == "prompts":
         methods = ("data", "model")
@@ -195,15 +196,16 @@ def _point_tasks_at(tokenizer: str | None) -> None:
         vocab.configured_vocabulary().use_checkpoint_tokenizer(tokenizer)
 
 
-def _model(folder, mesh_, rules, config, params, task, max_new_tokens, batch_size):
+def _model(folder, layout, surrogate, params, task, max_new_tokens, batch_size):
     """The model whose answers are embedded: `folder`'s, or the surrogate when None."""
     import seqio
 
+    module = surrogate
     if folder is not None:
-        config, params, _ = open_surrogate(folder, mesh_, rules)
+        module, params, _ = open_surrogate(folder, layout)
     vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     return taskemb.AnswerModel(
-        decoding.Decoder(config, mesh_, rules),
+        decoding.Decoder(module, layout),
         params,
         vocabulary,
         batch_size=batch_size,

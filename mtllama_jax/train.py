@@ -25,6 +25,7 @@ import os
 import sys
 from typing import Callable, Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -34,6 +35,7 @@ from mtllama_jax import (
     exits,
     launch,
     metrics,
+    models,
     optim,
     partitioning,
     preemption,
@@ -91,15 +93,16 @@ def optimizer(
 
 
 def run(
-    config: LlamaConfig,
-    mesh_and_rules,
+    model: nn.Module,
+    layout: partitioning.Layout,
     optimizer_and_schedule,
     model_dir: str,
     num_steps: int,
     batches: Batches,
     **kwargs,
 ):
-    """Trains to `num_steps`, resuming from MODEL_DIR's latest checkpoint if any.
+    """Trains `model` (the flax module; its `.config` is the run's) to `num_steps` on
+    `layout`, resuming from MODEL_DIR's latest checkpoint if any.
 
     `batches(start_step)` yields this process's rows for steps start_step, ...
     When it returns an iterator with `orbax_save_args` (the cache's pipeline),
@@ -114,13 +117,13 @@ def run(
     """
     with run_lock.ModelDirLock(model_dir):
         return _run_locked(
-            config, mesh_and_rules, optimizer_and_schedule, model_dir, num_steps, batches, **kwargs
+            model, layout, optimizer_and_schedule, model_dir, num_steps, batches, **kwargs
         )
 
 
 def _run_locked(
-    config: LlamaConfig,
-    mesh_and_rules,
+    model: nn.Module,
+    layout: partitioning.Layout,
     optimizer_and_schedule,
     model_dir: str,
     num_steps: int,
@@ -143,13 +146,12 @@ def _run_locked(
     task_groups: Mapping[str, str] | None = None,
 ):
     """`run` once MODEL_DIR is locked."""
-    mesh_, rules = mesh_and_rules
+    config = model.config
     tx, schedule = optimizer_and_schedule
     checkpoints.check_model_dir(model_dir, config)
     step_fn = trainer.Trainer(
-        config,
-        mesh_,
-        rules,
+        model,
+        layout,
         tx,
         schedule=schedule,
         microbatches=microbatches,
@@ -248,18 +250,17 @@ def _load_init_params(path: str, config: LlamaConfig, shardings):
     return checkpoint_folder.load_params(path, shardings, dtype=config.param_dtype)
 
 
-@gin.configurable(denylist=["config", "mesh_and_rules"])
-def zero_shot_hook(config, mesh_and_rules, evaluate: Callable | None = None):
+@gin.configurable(denylist=["model", "layout"])
+def zero_shot_hook(model, layout, evaluate: Callable | None = None):
     """Binds the periodic zero-shot evaluation into the loop (`LoopPeriods.eval_every_steps`).
 
     Args:
-      evaluate: a plain function `evaluate(params, step, config, mesh, rules) ->
+      evaluate: a plain function `evaluate(params, step, model, layout) ->
         {name: value}` (e.g. from `mtllama_jax.evaluation`); None for no zero-shot eval.
     """
     if evaluate is None:
         return None
-    mesh_, rules = mesh_and_rules
-    return lambda params, step: evaluate(params, step, config, mesh_, rules)
+    return lambda params, step: evaluate(params, step, model, layout)
 
 
 @gin.configurable
@@ -312,10 +313,10 @@ def train(
     loss, nonfinite, checkpointing, periods = (
         options_from_gin(c) for c in (LossOptions, NonfinitePolicy, CheckpointPolicy, LoopPeriods)
     )
-    config = model_config_from_gin()
-    mesh_and_rules = mesh()
+    model = models.build_module(model_config_from_gin())
+    layout = mesh()
     processes = jax.process_count()
-    _check_batch_size(batch_size, microbatches, processes, *mesh_and_rules)
+    _check_batch_size(batch_size, microbatches, processes, layout)
     rows = batch_size // processes
 
     def stream(split, start):
@@ -352,8 +353,8 @@ def train(
             return list(_take(stream(validation_split, 0), validation_batches))
 
     _, reason = run(
-        config,
-        mesh_and_rules,
+        model,
+        layout,
         optimizer(num_steps),
         model_dir,
         num_steps,
@@ -366,7 +367,7 @@ def train(
         checkpointing=checkpointing,
         periods=periods,
         validation=validation,
-        eval_hook=zero_shot_hook(config, mesh_and_rules),
+        eval_hook=zero_shot_hook(model, layout),
         sequence_length=sequence_length,
         tokenizer_files=tokenizer_files or _vocabulary_files(mixture_or_task_name),
         gin_config=gin.config_str(),
@@ -406,12 +407,11 @@ def _cached_batches(cache_dir, name, sequence_length, rows, seed, workers):
     return (lambda start: pipeline.CacheBatches(spec, start)), spec.tasks, groups
 
 
-def _check_batch_size(batch_size: int, microbatches: int, processes: int, mesh_, rules):
+def _check_batch_size(
+    batch_size: int, microbatches: int, processes: int, layout: partitioning.Layout
+):
     """Refuses a batch the mesh cannot split, before anything is built or written."""
-    spec = partitioning.batch_sharding(mesh_, rules).spec
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
-    shards = int(np.prod([mesh_.shape[a] for a in axes])) * max(microbatches, 1)
+    shards = layout.batch_shards * max(microbatches, 1)
     need = int(np.lcm(shards, processes))
     if batch_size <= 0 or batch_size % need:
         raise ValueError(

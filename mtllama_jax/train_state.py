@@ -15,10 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtllama_jax import partitioning
-from mtllama_jax.models.llama.config import LlamaConfig
 
 
 @flax.struct.dataclass
@@ -47,22 +45,18 @@ def create(params, tx: optax.GradientTransformation, key: jax.Array) -> TrainSta
     )
 
 
-def state_shardings(config: LlamaConfig, mesh: Mesh, rules, tx: optax.GradientTransformation):
-    """(abstract state, NamedShardings of the state) under these logical rules.
+def state_shardings(boxed_params, layout: partitioning.Layout, tx: optax.GradientTransformation):
+    """(abstract state, NamedShardings of the state) from the boxed abstract params.
 
     Optimizer moments take their param's sharding; counters and the key are
     replicated.
     """
-    boxed = partitioning.abstract_params(config)
-    params_shardings = partitioning.param_shardings(config, mesh, rules)
-    abstract = jax.eval_shape(lambda p: create(p, tx, jax.random.key(0)), nn.unbox(boxed))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(lambda p: create(p, tx, jax.random.key(0)), nn.unbox(boxed_params))
+    replicated = layout.replicated()
     shardings = TrainState(
         step=replicated,
-        params=params_shardings,
-        opt_state=partitioning.tree_shardings_like_params(
-            abstract.opt_state, params_shardings, boxed, mesh
-        ),
+        params=layout.param_shardings(boxed_params),
+        opt_state=layout.shardings_like_params(abstract.opt_state, boxed_params),
         rng=replicated,
         skipped=replicated,
     )

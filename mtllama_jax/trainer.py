@@ -16,7 +16,6 @@ calls the validation and zero-shot hooks at their periods.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -26,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mtllama_jax import losses, partitioning, train_state
-from mtllama_jax.models.llama.config import LlamaConfig
-from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.preemption import Preempted
 from mtllama_jax.train_options import NONFINITE_ACTIONS, LoopPeriods
 
@@ -42,9 +39,8 @@ class Trainer:
 
     def __init__(
         self,
-        config: LlamaConfig,
-        mesh: Mesh,
-        rules,
+        model: nn.Module,
+        layout: partitioning.Layout,
         tx: optax.GradientTransformation,
         *,
         schedule: optax.Schedule | None = None,
@@ -54,7 +50,8 @@ class Trainer:
         nonfinite: str = "skip",
         num_tasks: int = 0,
     ):
-        """`num_tasks` > 0: batches carry `task_ids` and steps report loss per task."""
+        """`model`: the flax language model (carries `.config`); `num_tasks` > 0: batches
+        carry `task_ids` and steps report loss per task."""
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"Trainer nonfinite={nonfinite!r}: choose one of {NONFINITE_ACTIONS}")
         if normalize not in losses.NORMALIZATIONS:
@@ -63,23 +60,20 @@ class Trainer:
             )
         if microbatches < 1:
             raise ValueError(f"Trainer microbatches={microbatches}: must be >= 1")
-        self.config, self.mesh, self.rules, self.tx = config, mesh, rules, tx
+        self.model, self.config, self.layout, self.tx = model, model.config, layout, tx
         self.schedule = schedule
         self.microbatches = microbatches
         self.normalize, self.z_loss, self.nonfinite = normalize, z_loss, nonfinite
         self.num_tasks = num_tasks
         self.features = BATCH_FEATURES + (("task_ids",) if num_tasks else ())
-        self.model = LlamaForCausalLM(config)
         self.abstract_state, self.state_shardings = train_state.state_shardings(
-            config, mesh, rules, tx
+            partitioning.abstract_params(model), layout, tx
         )
-        self.batch_sharding = partitioning.batch_sharding(mesh, rules)
-        batch_spec = self.batch_sharding.spec
-        self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_spec))
-        self.batch_shards = math.prod(
-            mesh.shape[a] for a in _axes(batch_spec[0] if batch_spec else None)
+        self.batch_sharding = layout.batch_sharding()
+        self._micro_sharding = NamedSharding(
+            layout.mesh, PartitionSpec(None, *self.batch_sharding.spec)
         )
-        replicated = NamedSharding(mesh, PartitionSpec())
+        replicated = layout.replicated()
         batch_shardings = {k: self.batch_sharding for k in self.features}
         self._train_step = jax.jit(
             self._step,
@@ -103,8 +97,8 @@ class Trainer:
     def init_state(self, key: jax.Array, params=None) -> train_state.TrainState:
         """A step-0 state: random params from `key`, or the given (converted) params."""
         if params is None:
-            params = partitioning.init_params(self.config, self.mesh, self.rules, key)
-        with self._context():
+            params = partitioning.init_params(self.model, self.layout, key)
+        with self.layout.context():
             return self._init(params, key)
 
     def abstract_restore_target(self):
@@ -115,12 +109,12 @@ class Trainer:
 
     def train_step(self, state, batch):
         """One optimizer step on a global batch (see `global_batch`); returns (state, metrics)."""
-        with self._context():
+        with self.layout.context():
             return self._train_step(state, batch)
 
     def eval_step(self, params, batch):
         """Summed validation terms of one global batch (`losses.cross_entropy_sums`)."""
-        with self._context():
+        with self.layout.context():
             return self._eval_step(params, batch)
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -130,12 +124,12 @@ class Trainer:
             raise ValueError(f"batch lacks feature(s) {missing}; a batch holds {self.features}")
         rows, length = np.shape(local["input_tokens"])
         global_rows = rows * jax.process_count()
-        shards = self.batch_shards * self.microbatches
+        shards = self.layout.batch_shards * self.microbatches
         if global_rows % shards:
             raise ValueError(
                 f"global batch of {global_rows} rows ({rows} per process x "
                 f"{jax.process_count()} processes) is not divisible by "
-                f"{self.batch_shards} batch shards (mesh data x fsdp) x {self.microbatches} "
+                f"{self.layout.batch_shards} batch shards (mesh data x fsdp) x {self.microbatches} "
                 f"microbatches = {shards}; set train.batch_size to a multiple of {shards}"
             )
         return {
@@ -146,9 +140,6 @@ class Trainer:
         }
 
     # ---- traced bodies -----------------------------------------------------------------
-
-    def _context(self):
-        return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
 
     def _sums(self, params, batch):
         logits = self.model.apply(
@@ -244,27 +235,6 @@ class Trainer:
 
     def _eval(self, params, batch):
         return self._sums(params, batch)
-
-
-class _Both:
-    """Enters two context managers (the mesh and the logical rules) as one."""
-
-    def __init__(self, a, b):
-        self.a, self.b = a, b
-
-    def __enter__(self):
-        self.a.__enter__()
-        self.b.__enter__()
-
-    def __exit__(self, *exc):
-        self.b.__exit__(*exc)
-        self.a.__exit__(*exc)
-
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 def validation_metrics(trainer: Trainer, params, batches: Iterable[Mapping[str, np.ndarray]]):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import CHAT_CONFIG
 
-from mtllama_jax import chat, decoding
+from mtllama_jax import chat, decoding, models
 from mtllama_jax.chat import Conversation
 from mtllama_jax.formats import MTLLAMA_SYSTEM
 from mtllama_jax.vocab import LlamaVocabulary
@@ -32,7 +32,7 @@ def test_one_shot_prompt_prints_the_greedy_reply(model_dir):
     vocab = LlamaVocabulary(os.path.join(folder, "tokenizer.model"))
     prompt = [1] + list(vocab.encode(MTLLAMA_SYSTEM + "### Human: hello river### Assistant:"))
     expect = (
-        decoding.Decoder(CHAT_CONFIG)
+        decoding.Decoder(models.build_module(CHAT_CONFIG))
         .generate(
             params,
             [prompt],

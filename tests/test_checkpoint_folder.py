@@ -10,6 +10,7 @@ import pytest
 from mtllama_jax import checkpoint_folder, checkpoints, partitioning
 from mtllama_jax.convert import hf_params
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.train_options import CheckpointPolicy
 from mtllama_jax.train_state import TrainState
 
@@ -35,7 +36,6 @@ def same(a, b):
 
 
 def test_save_then_restore_onto_another_mesh(tmp_path):
-    rules = partitioning.logical_axis_rules("fsdp_tp")
     params = make_params()
     tok = tmp_path / "tokenizer.model"
     tok.write_bytes(b"spm")
@@ -46,8 +46,9 @@ def test_save_then_restore_onto_another_mesh(tmp_path):
     assert checkpoint_folder.load_config(folder) == CONFIG
     assert checkpoint_folder.tokenizer_path(folder) == str(folder / "tokenizer.model")
 
-    mesh = partitioning.make_mesh(2, 2, 2)
-    shardings = partitioning.param_shardings(CONFIG, mesh, rules)
+    shardings = partitioning.Layout.create(2, 2, 2, "fsdp_tp").param_shardings(
+        partitioning.abstract_params(LlamaForCausalLM(CONFIG))
+    )
     restored = checkpoint_folder.load_params(folder, shardings)
     q = restored["layers"]["attention"]["q_proj"]["kernel"]
     assert q.sharding == shardings["layers"]["attention"]["q_proj"]["kernel"]
@@ -112,8 +113,8 @@ def test_a_folder_of_another_model_is_refused(tmp_path):
     params = make_params()
     checkpoint_folder.save_params(tmp_path / "c", params, CONFIG)
     other = CONFIG.replace(tie_word_embeddings=True)
-    shardings = partitioning.param_shardings(
-        other, partitioning.make_mesh(1, 8, 1), partitioning.logical_axis_rules("fsdp")
+    shardings = partitioning.Layout.create(1, 8, 1, "fsdp").param_shardings(
+        partitioning.abstract_params(LlamaForCausalLM(other))
     )
     with pytest.raises(ValueError, match=r"extra \[\"\['lm_head'\]"):
         checkpoint_folder.load_params(tmp_path / "c", shardings)

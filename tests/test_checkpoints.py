@@ -11,6 +11,7 @@ from helpers import run_tiny
 
 from mtllama_jax import checkpoint_folder, checkpoints, metrics, optim, partitioning, trainer
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.train_options import CheckpointPolicy
 
 CONFIG = LlamaConfig.tiny()
@@ -18,9 +19,8 @@ CONFIG = LlamaConfig.tiny()
 
 def make_trainer(sizes, rules):
     return trainer.Trainer(
-        CONFIG,
-        partitioning.make_mesh(*sizes),
-        partitioning.logical_axis_rules(rules),
+        LlamaForCausalLM(CONFIG),
+        partitioning.Layout.create(*sizes, rules=rules),
         optim.make_optimizer(1e-3, weight_decay=0.1),
     )
 

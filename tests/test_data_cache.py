@@ -280,6 +280,7 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
 
     from mtllama_jax import optim, partitioning, train
     from mtllama_jax.models.llama.config import LlamaConfig
+    from mtllama_jax.models.llama.model import LlamaForCausalLM
     from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods
 
     s = spec(
@@ -292,8 +293,8 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
     )
     schedule = optim.learning_rate_schedule(3e-3, STEPS, "cosine", warmup_steps=2)
     return train.run(
-        LlamaConfig.tiny(),
-        (partitioning.make_mesh(1, -1, 1), partitioning.logical_axis_rules("fsdp")),
+        LlamaForCausalLM(LlamaConfig.tiny()),
+        partitioning.Layout.create(1, -1, 1, "fsdp"),
         (optim.make_optimizer(schedule, weight_decay=0.1), schedule),
         model_dir,
         num_steps,

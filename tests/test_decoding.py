@@ -24,7 +24,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def decoder():
-    return decoding.Decoder(CONFIG, length_bucket=8)
+    return decoding.Decoder(LlamaForCausalLM(CONFIG), length_bucket=8)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,8 @@ def test_cached_decoding_equals_full_recomputation(params, decoder):
 
 
 def test_sharded_decoding_matches_one_device(params, decoder):
-    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = decoding.Decoder(
-        CONFIG, mesh, partitioning.logical_axis_rules("fsdp_tp"), length_bucket=8
+        LlamaForCausalLM(CONFIG), partitioning.Layout.create(2, 2, 2, "fsdp_tp"), length_bucket=8
     )
     expect = [g.tokens for g in decoder.generate(params, PROMPTS, max_new_tokens=6)]
     assert [g.tokens for g in sharded.generate(params, PROMPTS, max_new_tokens=6)] == expect

@@ -17,6 +17,7 @@ from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.vocab import LlamaVocabulary
 
 CONFIG = LlamaConfig.tiny(vocab_size=320, max_position_embeddings=96)
+MODEL = LlamaForCausalLM(CONFIG)
 WORDS = ["alpha", "beta", "gamma", "delta", "lorem", "ipsum", "river", "stone", "cloud", "query"]
 PLANTED = "river stone"
 OTHERS = ["gamma delta", "lorem ipsum"]
@@ -117,7 +118,7 @@ def planted_params(vocab):
     embedding; every embedding shares a large first component, which the LM head
     maps onto the planted pieces' logits (its first piece highest).
     """
-    model = LlamaForCausalLM(CONFIG)
+    model = MODEL
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     params = jax.tree.map(np.array, params)
     params["layers"]["attention"]["o_proj"]["kernel"][:] = 0
@@ -135,13 +136,13 @@ OPTIONS = evaluation.EvalOptions(batch_size=4, max_new_tokens=4)
 @pytest.fixture(scope="module")
 def decoder():
     """One decoder for the module: its compiled functions are reused across tests."""
-    return decoding.Decoder(CONFIG, length_bucket=32)
+    return decoding.Decoder(MODEL, length_bucket=32)
 
 
 def test_rank_and_generate_pick_the_planted_answer(tasks, planted_params, vocab, decoder):
     results = evaluation.evaluate(
         planted_params,
-        CONFIG,
+        MODEL,
         vocab,
         ["fixture_planted", "zeroshot_copa_fixture"],
         OPTIONS,
@@ -156,14 +157,12 @@ def test_rank_and_generate_pick_the_planted_answer(tasks, planted_params, vocab,
 
 
 def test_rank_accuracy_counts_picks_that_equal_labels(tasks, vocab, decoder):
-    params = nn.unbox(
-        LlamaForCausalLM(CONFIG).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
-    )
+    params = nn.unbox(MODEL.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
     options = evaluation.EvalOptions(
         batch_size=4, max_new_tokens=4, keep_predictions=True, protocols=("rank",)
     )
     result = evaluation.evaluate(
-        params, CONFIG, vocab, ["fixture_planted"], options, decoder=decoder
+        params, MODEL, vocab, ["fixture_planted"], options, decoder=decoder
     )
     task = result["tasks"]["fixture_planted"]
     preds = task["predictions"]
@@ -177,18 +176,18 @@ def test_rank_accuracy_counts_picks_that_equal_labels(tasks, vocab, decoder):
 
 def test_missing_set_is_skipped_with_its_reason_or_raises(tasks, planted_params, vocab, decoder):
     results = evaluation.evaluate(
-        planted_params, CONFIG, vocab, ["fixture_mix"], OPTIONS, decoder=decoder
+        planted_params, MODEL, vocab, ["fixture_mix"], OPTIONS, decoder=decoder
     )
     assert set(results["tasks"]) == {"fixture_planted"}
     assert "missing-dev.json" in results["skipped"]["fixture_missing"]
     strict = evaluation.EvalOptions(batch_size=4, max_new_tokens=4, fail_on_missing=True)
     with pytest.raises(evaluation.MissingData, match="fixture_missing.*missing-dev.json"):
-        evaluation.evaluate(planted_params, CONFIG, vocab, ["fixture_mix"], strict, decoder=decoder)
+        evaluation.evaluate(planted_params, MODEL, vocab, ["fixture_mix"], strict, decoder=decoder)
 
 
 def test_long_prompts_are_cut_and_counted(tasks, planted_params, vocab, decoder):
     results = evaluation.evaluate(
-        planted_params, CONFIG, vocab, ["fixture_long"], OPTIONS, decoder=decoder
+        planted_params, MODEL, vocab, ["fixture_long"], OPTIONS, decoder=decoder
     )
     task = results["tasks"]["fixture_long"]
     assert task["truncated_prompts"] == 1
@@ -234,14 +233,13 @@ def test_t0_median_over_prompts():
 
 
 def test_train_hook_returns_flat_metrics(tasks, planted_params, vocab):
-    mesh = partitioning.make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2])
-    rules = partitioning.logical_axis_rules("fsdp")
+    layout = partitioning.Layout.create(1, 2, 1, "fsdp", jax.devices()[:2])
     hook = evaluation.train_hook(
         ["fixture_planted"],
         vocab,
         evaluation.EvalOptions(batch_size=4, max_new_tokens=2, protocols=("rank",)),
     )
-    metrics = hook(planted_params, 10, CONFIG, mesh, rules)
+    metrics = hook(planted_params, 10, MODEL, layout)
     assert metrics == {
         "fixture_planted/rank/accuracy": 100.0,
         "fixture_planted/rank/accuracy_norm": 100.0,
@@ -321,7 +319,7 @@ def test_mlqa_en_is_scored_by_mlqas_rules_and_squad_by_squads(vocab, planted_par
         _register(name, [example], vocab, info=task_metadata.TaskInfo(zero_shot_set=qa_set))
     results = evaluation.evaluate(
         planted_params,
-        CONFIG,
+        MODEL,
         vocab,
         ["zeroshot_mlqa_en_fixture", "zeroshot_squad_fixture"],
         OPTIONS,

@@ -247,7 +247,7 @@ def test_a_hugging_face_folder_opens_converted_in_memory_on_a_mesh(folders, ours
     hf = MtllamaLM(
         checkpoint=folders[1], dtype="float32", batch_size=4, mesh="2x2x2", rules="fsdp_tp"
     )
-    assert len(hf.decoder.mesh.devices.flat) == 8
+    assert len(hf.decoder.layout.mesh.devices.flat) == 8
     reqs = [
         request("loglikelihood", "the cat", " sat on a mat"),
         request("loglikelihood", "dogs ran", " far away from home"),

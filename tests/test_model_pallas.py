@@ -66,11 +66,10 @@ def test_sharded_pallas_logits_equal_unsharded_xla(packed_batch):
     expected = LlamaForCausalLM(XLA).apply(
         {"params": params}, tokens, positions=positions, segment_ids=segment_ids
     )
-    mesh = partitioning.make_mesh(2, 2, 2)
-    rules = partitioning.logical_axis_rules("fsdp_tp")
+    layout = partitioning.Layout.create(2, 2, 2, "fsdp_tp")
     model = LlamaForCausalLM(PALLAS)
-    shardings = partitioning.param_shardings(PALLAS, mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = layout.param_shardings(partitioning.abstract_params(model))
+    with layout.context():
         apply = jax.jit(
             lambda p, t, pos, seg: model.apply({"params": p}, t, positions=pos, segment_ids=seg)
         )

@@ -21,6 +21,7 @@ STEPS = 3
 def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
     from mtllama_jax import checkpoints, metrics, optim, partitioning, trainer
     from mtllama_jax.models.llama.config import LlamaConfig
+    from mtllama_jax.models.llama.model import LlamaForCausalLM
 
     two_dir, one_dir = str(tmp_path / "two"), str(tmp_path / "one")
     port = free_port()
@@ -57,9 +58,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_here(tmp_path):
     np.testing.assert_allclose([loss for _, loss in two], [loss for _, loss in one], rtol=2e-6)
 
     step_fn = trainer.Trainer(
-        LlamaConfig.tiny(),
-        partitioning.make_mesh(2, 2, 2),
-        partitioning.logical_axis_rules("fsdp_tp"),
+        LlamaForCausalLM(LlamaConfig.tiny()),
+        partitioning.Layout.create(2, 2, 2, "fsdp_tp"),
         optim.make_optimizer(optim.learning_rate_schedule(3e-3, 7, "cosine", 2), 0.1),
     )
     ckpt = checkpoints.TrainCheckpoints(two_dir)

@@ -12,11 +12,11 @@ from mtllama_jax.models.llama.model import LlamaForCausalLM
 CONFIG = LlamaConfig.tiny()
 
 
-def sharded_logits(mesh, rules, params, tokens):
+def sharded_logits(layout, params, tokens):
     model = LlamaForCausalLM(CONFIG)
-    shardings = partitioning.param_shardings(CONFIG, mesh, rules)
-    batch_sharding = partitioning.batch_sharding(mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = layout.param_shardings(partitioning.abstract_params(model))
+    batch_sharding = layout.batch_sharding()
+    with layout.context():
         placed = jax.device_put(params, shardings)
         apply = jax.jit(
             lambda p, t: model.apply({"params": p}, t), in_shardings=(shardings, batch_sharding)
@@ -41,15 +41,13 @@ def reference():
 )
 def test_sharded_forward_equals_unsharded(reference, sizes, rules):
     params, tokens, expected = reference
-    mesh = partitioning.make_mesh(*sizes)
-    got = sharded_logits(mesh, partitioning.logical_axis_rules(rules), params, tokens)
+    got = sharded_logits(partitioning.Layout.create(*sizes, rules), params, tokens)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_fsdp8_splits_every_weight():
-    mesh = partitioning.make_mesh(data=1, fsdp=8, tensor=1)
     params = partitioning.init_params(
-        CONFIG, mesh, partitioning.logical_axis_rules("fsdp"), jax.random.key(0)
+        LlamaForCausalLM(CONFIG), partitioning.Layout.create(1, 8, 1, "fsdp"), jax.random.key(0)
     )
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     device = jax.devices()[0]
@@ -75,14 +73,26 @@ def test_mesh_sizes_are_checked():
 def test_state_shardings_follow_params():
     import optax
 
-    mesh = partitioning.make_mesh(data=1, fsdp=4, tensor=2)
-    rules = partitioning.logical_axis_rules("fsdp_tp")
-    shardings = partitioning.param_shardings(CONFIG, mesh, rules)
-    abstract = partitioning.abstract_params(CONFIG)
+    tp = partitioning.Layout.create(1, 4, 2, "fsdp_tp")
+    abstract = partitioning.abstract_params(LlamaForCausalLM(CONFIG))
+    shardings = tp.param_shardings(abstract)
     opt_state = jax.eval_shape(optax.adamw(1e-3).init, nn.unbox(abstract))
-    state_shardings = partitioning.tree_shardings_like_params(opt_state, shardings, abstract, mesh)
+    state_shardings = tp.shardings_like_params(opt_state, abstract)
     mu = state_shardings[0].mu
     assert (
         mu["layers"]["mlp"]["up_proj"]["kernel"] == shardings["layers"]["mlp"]["up_proj"]["kernel"]
     )
     assert state_shardings[0].count.spec == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize("sizes,shards", [((2, 2, 2), 4), ((1, 1, 8), 1), ((8, 1, 1), 8)])
+def test_layout_batch_shards_and_context(sizes, shards):
+    tp = partitioning.Layout.create(*sizes, "fsdp_tp")
+    assert tp.batch_axes == ("data", "fsdp") and tp.batch_shards == shards
+    assert tp.batch_sharding().spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    with tp.context():  # the mesh and the rules are in force
+        assert jax.sharding.get_abstract_mesh().shape == tp.mesh.shape
+        assert nn.logical_to_mesh_axes(("mlp",)) == jax.sharding.PartitionSpec("tensor")
+    assert partitioning.Layout(tp.mesh, partitioning.logical_axis_rules("data")).batch_shards == (
+        sizes[0] * sizes[1]
+    )

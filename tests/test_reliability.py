@@ -34,6 +34,7 @@ from mtllama_jax import (
     train_state,
 )
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods, NonfinitePolicy
 
 CONFIG = LlamaConfig.tiny(num_layers=1)
@@ -42,12 +43,11 @@ ROWS, LENGTH = 2, 16
 
 def run_small(model_dir, batches=None, num_steps=3, **kw):
     """train.run on one device, every step checkpointed unless told otherwise."""
-    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     schedule = optim.learning_rate_schedule(1e-3, num_steps, "constant")
     kw.setdefault("checkpointing", CheckpointPolicy(every_steps=1))
     return train.run(
-        CONFIG,
-        (mesh, partitioning.logical_axis_rules("data")),
+        LlamaForCausalLM(CONFIG),
+        partitioning.Layout.one_device(),
         (optim.make_optimizer(schedule), schedule),
         str(model_dir),
         num_steps,
@@ -123,9 +123,8 @@ def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_t
     tmp_path, capsys
 ):
     trainer_ = train.trainer.Trainer(
-        CONFIG,
-        partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-        partitioning.logical_axis_rules("data"),
+        LlamaForCausalLM(CONFIG),
+        partitioning.Layout.one_device(),
         optim.make_optimizer(optim.learning_rate_schedule(1e-3, 2, "constant")),
     )
     state = trainer_.init_state(jax.random.key(0))
@@ -276,7 +275,7 @@ def test_a_bf16_init_checkpoint_trains_with_the_configs_float32_master_weights(t
     rng = np.random.default_rng(0)
     bf16 = jax.tree.map(
         lambda a: rng.normal(0, 0.02, a.shape).astype(jnp.bfloat16),
-        nn.unbox(partitioning.abstract_params(CONFIG)),
+        nn.unbox(partitioning.abstract_params(LlamaForCausalLM(CONFIG))),
     )
     checkpoint_folder.save_params(tmp_path / "init", bf16, CONFIG.replace(param_dtype="bfloat16"))
     state, _ = run_small(tmp_path / "run", num_steps=1, init_checkpoint=str(tmp_path / "init"))
@@ -316,7 +315,8 @@ def test_a_full_disk_during_a_checkpoint_save_ends_in_one_message(tmp_path, caps
 def test_an_init_checkpoint_of_another_model_names_init_checkpoint_and_its_fix(tmp_path):
     other = CONFIG.replace(hidden_size=32, head_dim=8)
     zeros = jax.tree.map(
-        lambda a: np.zeros(a.shape, np.float32), nn.unbox(partitioning.abstract_params(other))
+        lambda a: np.zeros(a.shape, np.float32),
+        nn.unbox(partitioning.abstract_params(LlamaForCausalLM(other))),
     )
     checkpoint_folder.save_params(tmp_path / "init", zeros, other)
     with pytest.raises(ValueError) as err:

@@ -38,19 +38,19 @@ CONFIG = LlamaConfig(
     dtype="float32",
     cpu_forms=True,  # the tests run on CPU
 )
+MODEL = LlamaForCausalLM(CONFIG)
 
 
 @functools.cache
 def surrogate():
-    mesh = partitioning.make_mesh(1, -1, 1)  # fsdp over the 8 host devices
-    rules = partitioning.logical_axis_rules("fsdp")
-    params = partitioning.init_params(CONFIG, mesh, rules, jax.random.key(0))
-    return mesh, rules, params
+    layout = partitioning.Layout.create(1, -1, 1, "fsdp")  # fsdp over the 8 host devices
+    params = partitioning.init_params(MODEL, layout, jax.random.key(0))
+    return layout, params
 
 
 def direct_fisher(params, pairs):
     """{param path: mean squared gradient}, one example at a time, no vmap: the definition."""
-    model = LlamaForCausalLM(CONFIG)
+    model = MODEL
     params = jax.device_get(params)
 
     @jax.jit
@@ -92,11 +92,11 @@ def random_pairs(n, seed):
 
 
 def test_fisher_equals_direct_per_example_gradients():
-    mesh, rules, params = surrogate()
+    layout, params = surrogate()
     pairs = random_pairs(11, 0)  # not a multiple of the batch: the last batch is padded
     direct = direct_fisher(params, pairs)
     for subset in taskemb.PARAM_SUBSETS:
-        embedder = taskemb.Embedder(CONFIG, mesh, rules, subset=subset, batch_size=8)
+        embedder = taskemb.Embedder(MODEL, layout, subset=subset, batch_size=8)
         fisher, used = embedder.fisher(params, pairs)
         assert used == 11
         want = np.concatenate([direct[p].reshape(-1) for p in embedder.paths])
@@ -106,8 +106,8 @@ def test_fisher_equals_direct_per_example_gradients():
 
 
 def test_identical_tasks_distance_zero_relabelled_copy_nearer_than_other_task():
-    mesh, rules, params = surrogate()
-    embedder = taskemb.Embedder(CONFIG, mesh, rules, batch_size=8)
+    layout, params = surrogate()
+    embedder = taskemb.Embedder(MODEL, layout, batch_size=8)
     sentiment, _ = taskemb.load_pairs("synthetic_sentiment_t0", "validation", 32)
     topic, _ = taskemb.load_pairs("synthetic_topic_t0", "validation", 32)
     rng = np.random.default_rng(0)
@@ -129,7 +129,7 @@ def bigram_params(pairs_of_tokens):
     Attention and MLP write nothing (zero output kernels), so the final hidden
     state is the token's own embedding; the LM head maps each `u` to its `w`.
     """
-    params = jax.device_get(partitioning.init_params(CONFIG, *surrogate()[:2], jax.random.key(1)))
+    params = jax.device_get(partitioning.init_params(MODEL, surrogate()[0], jax.random.key(1)))
     params = jax.tree.map(np.array, params)
     params["layers"]["attention"]["o_proj"]["kernel"][:] = 0
     params["layers"]["mlp"]["down_proj"]["kernel"][:] = 0
@@ -143,18 +143,18 @@ def bigram_params(pairs_of_tokens):
 
 
 def test_model_embedding_of_a_perfect_model_equals_data_embedding():
-    mesh, rules, params = surrogate()
+    layout, params = surrogate()
     pairs = [([10, 11, 12], [20, 21, 2]), ([13, 14], [22, 2]), ([15, 16, 17, 18], [23, 2])]
     chain = [(12, 20), (20, 21), (21, 2), (14, 22), (22, 2), (18, 23), (23, 2)]
     perfect = taskemb.AnswerModel(
-        decoding.Decoder(CONFIG, mesh, rules),
+        decoding.Decoder(MODEL, layout),
         bigram_params(chain),
         synthetic.vocabulary(),
         max_new_tokens=8,
     )
     answers = perfect.answer([x for x, _ in pairs])
     assert answers == [y for _, y in pairs]
-    embedder = taskemb.Embedder(CONFIG, mesh, rules, batch_size=8)
+    embedder = taskemb.Embedder(MODEL, layout, batch_size=8)
     data_emb = taskemb.data_embedding(embedder, params, pairs).vector
     model_emb = taskemb.model_embedding(embedder, params, pairs, answers).vector
     np.testing.assert_allclose(model_emb, data_emb, rtol=1e-6, atol=1e-9)
@@ -280,7 +280,7 @@ def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
 
     gin.clear_config()
 
-    mesh, rules, params = surrogate()
+    layout, params = surrogate()
     folder = tmp_path / "ckpt"
     checkpoint_folder.save_params(
         folder, jax.device_get(params), CONFIG, tokenizer_files=[synthetic.SPM_MODEL]
@@ -338,7 +338,9 @@ def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
     )
     checkpoint_folder.save_params(
         other,
-        jax.device_get(partitioning.init_params(small, mesh, rules, jax.random.key(0))),
+        jax.device_get(
+            partitioning.init_params(LlamaForCausalLM(small), layout, jax.random.key(0))
+        ),
         small,
     )
     launch.parse_gin([], [f"CHECKPOINT = '{other}'"], [])

@@ -70,8 +70,8 @@ def test_mesh_files_build_meshes(mesh_file):
     launch.parse_gin([f"mesh/{mesh_file}.gin"], [])
     if mesh_file == "single":
         gin.bind_parameter("mesh.data", 8)  # this test process has 8 CPU devices
-    mesh, rules = train.mesh()
-    assert mesh.devices.size == 8 and rules
+    layout = train.mesh()
+    assert layout.mesh.devices.size == 8 and layout.rules
 
 
 def test_cli_reports_a_bad_binding_without_a_traceback(capsys):

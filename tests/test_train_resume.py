@@ -58,11 +58,11 @@ def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
 
     from mtllama_jax import optim, partitioning, trainer
     from mtllama_jax.models.llama.config import LlamaConfig
+    from mtllama_jax.models.llama.model import LlamaForCausalLM
 
     step_fn = trainer.Trainer(
-        LlamaConfig.tiny(),
-        partitioning.make_mesh(1, -1, 1),
-        partitioning.logical_axis_rules("fsdp"),
+        LlamaForCausalLM(LlamaConfig.tiny()),
+        partitioning.Layout.create(1, -1, 1, "fsdp"),
         optim.make_optimizer(optim.learning_rate_schedule(3e-3, NUM_STEPS, "cosine", 2), 0.1),
     )
     ckpt = checkpoints.TrainCheckpoints(resumed_dir)

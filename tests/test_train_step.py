@@ -9,6 +9,7 @@ from helpers import synthetic_batches
 
 from mtllama_jax import losses, optim, partitioning, trainer
 from mtllama_jax.models.llama.config import LlamaConfig
+from mtllama_jax.models.llama.model import LlamaForCausalLM
 
 CONFIG = LlamaConfig.tiny()
 
@@ -16,9 +17,8 @@ CONFIG = LlamaConfig.tiny()
 def make_trainer(sizes=(1, 8, 1), rules="fsdp", config=CONFIG, **kw):
     schedule = optim.learning_rate_schedule(1e-2, 10, "linear", warmup_steps=0)
     return trainer.Trainer(
-        config,
-        partitioning.make_mesh(*sizes),
-        partitioning.logical_axis_rules(rules),
+        LlamaForCausalLM(config),
+        partitioning.Layout.create(*sizes, rules=rules),
         optim.make_optimizer(schedule, weight_decay=0.1),
         schedule=schedule,
         **kw,
@@ -61,7 +61,10 @@ def test_schedules_and_decay_mask():
         optim.learning_rate_schedule(1.0, 10, "step")
     params = jax.tree.map(
         lambda _: 0,
-        jax.tree.map(lambda x: x, partitioning.nn.unbox(partitioning.abstract_params(CONFIG))),
+        jax.tree.map(
+            lambda x: x,
+            partitioning.nn.unbox(partitioning.abstract_params(LlamaForCausalLM(CONFIG))),
+        ),
     )
     mask = optim.decay_mask(params)
     assert mask["layers"]["mlp"]["up_proj"]["kernel"] and mask["embed"]["embedding"]

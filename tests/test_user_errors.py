@@ -132,9 +132,9 @@ def test_eval_and_chat_skip_a_damaged_latest_step_and_name_a_damaged_requested_o
     from mtllama_jax import eval as eval_job
     from mtllama_jax import partitioning
 
-    mesh = partitioning.make_mesh(1, 1, 1, devices=__import__("jax").devices()[:1])
+    layout = partitioning.Layout.one_device()
     with pytest.raises(ValueError, match=r"step 4: files differ from .*manifest.json"):
-        eval_job.open_checkpoint(folder, mesh, partitioning.logical_axis_rules("data"), step=4)
+        eval_job.open_checkpoint(folder, layout, step=4)
 
 
 def test_chat_keeps_the_conversation_past_a_non_utf8_line(model_dir, monkeypatch, capsys):

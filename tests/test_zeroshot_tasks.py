@@ -437,17 +437,17 @@ def test_a_long_qa_context_is_cut_to_fit_1024_tokens(eval_dir, caplog):
 def test_evaluate_skips_a_missing_set_and_runs_the_others(eval_dir):
     os.remove(os.path.join(eval_dir, "superglue/RTE/val.jsonl"))
     v = vocab.configured_vocabulary()
-    config = LlamaConfig.tiny(vocab_size=v.vocab_size, max_position_embeddings=128, num_layers=1)
-    params = nn.unbox(
-        LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    model = LlamaForCausalLM(
+        LlamaConfig.tiny(vocab_size=v.vocab_size, max_position_embeddings=128, num_layers=1)
     )
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     results = evaluation.evaluate(
         params,
-        config,
+        model,
         v,
         ["zeroshot_rte", "zeroshot_wic"],
         evaluation.EvalOptions(protocols=("rank",), batch_size=4),
-        decoder=decoding.Decoder(config, length_bucket=128),
+        decoder=decoding.Decoder(model, length_bucket=128),
     )
     assert list(results["skipped"]) == ["zeroshot_rte"]
     assert "superglue/RTE/val.jsonl" in results["skipped"]["zeroshot_rte"]
