@@ -46,7 +46,7 @@ def seqio_tokenise(tasks):
 
 
 def build_cache(out, workers):
-    from mtllama_jax import cache
+    from mtllama_jax.main import cache
 
     start = time.perf_counter()
     assert (
@@ -243,7 +243,7 @@ def main():
     p.add_argument("--seqio_tasks", type=int, default=40, help="tasks tokenised by seqio")
     p.add_argument("--root", help="keep the fixture and cache here (reused when present)")
     a = p.parse_args()
-    from mtllama_jax import launch
+    from mtllama_jax.main import launch
 
     launch.hide_gpus_from_tensorflow()  # TF reads the data; JAX keeps the accelerators
     if a.root:

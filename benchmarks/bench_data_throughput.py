@@ -115,7 +115,7 @@ def main():
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--rows", type=int, default=200, help="examples per fixture task")
     a = p.parse_args()
-    from mtllama_jax import launch
+    from mtllama_jax.main import launch
 
     launch.hide_gpus_from_tensorflow()  # TF reads the data; JAX keeps the accelerators
     with tempfile.TemporaryDirectory() as root:

@@ -28,8 +28,8 @@ import transformers
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from mtllama_jax.convert import cli
 from mtllama_jax.lm_eval_adapter import MtllamaLM
+from mtllama_jax.main import convert_cli
 
 TASKS = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "lm_eval")
 REQUESTS = ("fixture_mc", "fixture_gen", "fixture_rolling")
@@ -91,8 +91,8 @@ def build(root: str, docs: int):
         with open(os.path.join(hf, name), "w") as f:
             json.dump(content, f)
     ckpt, export = os.path.join(root, "ckpt"), os.path.join(root, "export")
-    cli.main(["hf-to-jax", "--hf", hf, "--out", ckpt])
-    cli.main(["jax-to-hf", "--ckpt", ckpt, "--out", export])
+    convert_cli.main(["hf-to-jax", "--hf", hf, "--out", ckpt])
+    convert_cli.main(["jax-to-hf", "--ckpt", ckpt, "--out", export])
 
     data = os.path.join(root, "data")
     os.makedirs(data)

@@ -34,22 +34,22 @@ import os
 import statistics
 import time
 
+import gin
 import jax
 import seqio
 
-import gin
 from mtllama_jax import (
     atomic,
     data,
     decoding,
     evaluation,
-    launch,
     optim,
     partitioning,
     taskemb,
     taskemb_analysis,
     trainer,
 )
+from mtllama_jax.main import launch
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.models.llama.model import LlamaForCausalLM
 from mtllama_jax.tasks import synthetic

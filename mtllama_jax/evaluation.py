@@ -38,7 +38,7 @@ PROTOCOLS = ("generate", "rank")
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    """How to evaluate (plain values; gin binds them in `mtllama_jax.eval`)."""
+    """How to evaluate (plain values; gin binds them in `mtllama_jax.main.eval`)."""
 
     protocols: tuple[str, ...] = PROTOCOLS
     split: str = "validation"
@@ -371,7 +371,7 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 def train_hook(names: Sequence[str], vocabulary, options: EvalOptions = EvalOptions()):
     """The trainer's zero-shot hook: `hook(params, step, model, layout) -> metrics`.
 
-    Bind it as `zero_shot_hook.evaluate` (see `mtllama_jax.train`); the compiled
+    Bind it as `zero_shot_hook.evaluate` (see `mtllama_jax.main.train_job`); the compiled
     decoder is kept between calls.
     """
     decoders: dict = {}

@@ -18,11 +18,11 @@ import itertools
 import math
 import os
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
-import gin
 from mtllama_jax.env import gin_or_env
 
 LLAMA_IDS = {"unk": 0, "bos": 1, "eos": 2}

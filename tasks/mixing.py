@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import gin
 import seqio
 
-import gin
 from mtllama_jax.tasks import p3
 
 T0_CAP = 500_000

@@ -22,12 +22,12 @@ import json
 import os
 import random
 
+import gin
 import pyarrow as pa
 import pyarrow.parquet as pq
 import seqio
 import tensorflow as tf
 
-import gin
 from mtllama_jax import formats, vocab
 from mtllama_jax.env import gin_or_env
 

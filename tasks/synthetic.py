@@ -53,12 +53,12 @@ import random
 import zlib
 from typing import Callable, Sequence
 
+import gin
 import sentencepiece
 import seqio
 import tensorflow as tf
 from t5.evaluation import metrics as t5_metrics
 
-import gin
 from mtllama_jax import formats
 from mtllama_jax.vocab import LlamaVocabulary
 

@@ -30,11 +30,11 @@ import json
 import logging
 import os
 
+import gin
 import pyarrow as pa
 import seqio
 import tensorflow as tf
 
-import gin
 from mtllama_jax import formats, task_metadata
 from mtllama_jax.tasks import p3
 

@@ -20,10 +20,10 @@ import json
 import os
 import random
 
+import gin
 import seqio
 import tensorflow as tf
 
-import gin
 from mtllama_jax.tasks import p3
 
 LAYOUTS = {  # name -> (instruction, input, response) fields

@@ -36,10 +36,10 @@ import logging
 import os
 from typing import Callable
 
+import gin
 import seqio
 import tensorflow as tf
 
-import gin
 from mtllama_jax import answer_matching, formats, task_metadata, vocab
 from mtllama_jax.env import gin_or_env
 from mtllama_jax.tasks import eval_readers

@@ -118,9 +118,9 @@ def assert_bitwise(a, b):
 
 def convert(*argv):
     """Runs `mtllama-convert` in this process."""
-    from mtllama_jax.convert import cli
+    from mtllama_jax.main import convert_cli
 
-    cli.main([str(a) for a in argv])
+    convert_cli.main([str(a) for a in argv])
 
 
 # ---- tiny training runs (resume, multi-host, reliability) -------------------------------
@@ -160,11 +160,11 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
 
     Sends itself `sig` when asked for the batch of step `kill_at`.
     """
-    from mtllama_jax import optim, partitioning, train
+    from mtllama_jax import models, optim, partitioning, training
     from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods
 
     config = LlamaConfig.tiny()
-    mesh = (partitioning.make_mesh(1, -1, 1), partitioning.logical_axis_rules("fsdp"))
+    layout = partitioning.Layout.create(1, -1, 1, "fsdp")
     schedule = optim.learning_rate_schedule(3e-3, NUM_STEPS, "cosine", warmup_steps=2)
     tx = optim.make_optimizer(schedule, weight_decay=0.1)
     source = synthetic_batches(seed=1, rows=16, length=32, vocab=config.vocab_size)
@@ -182,9 +182,9 @@ def run_tiny(model_dir: str, kill_at: int | None = None, sig=signal.SIGKILL, **k
             yield batch
 
     kw.setdefault("checkpointing", CheckpointPolicy(every_steps=3))
-    return train.run(
-        config,
-        mesh,
+    return training.run(
+        models.build_module(config),
+        layout,
         (tx, schedule),
         model_dir,
         kw.pop("num_steps", NUM_STEPS),

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from mtllama_jax import atomic, checkpoints, metrics
-from mtllama_jax import eval as eval_job
+from mtllama_jax.main import eval as eval_job
 from mtllama_jax.models.llama.config import LlamaConfig
 
 RUN = {

@@ -9,16 +9,17 @@ import jax.numpy as jnp
 import pytest
 from helpers import CHAT_CONFIG
 
-from mtllama_jax import chat, decoding, models
-from mtllama_jax.chat import Conversation
+from mtllama_jax import decoding, models
 from mtllama_jax.formats import MTLLAMA_SYSTEM
+from mtllama_jax.main import chat
+from mtllama_jax.main.chat import Conversation
 from mtllama_jax.vocab import LlamaVocabulary
 
 
 def run_chat(*args, stdin=""):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     return subprocess.run(
-        [sys.executable, "-m", "mtllama_jax.chat", *args],
+        [sys.executable, "-m", "mtllama_jax.main.chat", *args],
         input=stdin,
         capture_output=True,
         text=True,

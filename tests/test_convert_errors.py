@@ -9,13 +9,14 @@ import torch
 from helpers import make_hf
 from safetensors.torch import load_file
 
-from mtllama_jax.convert import cli, delta
+from mtllama_jax.convert import delta
+from mtllama_jax.main import convert_cli
 
 
 def convert_fails(capsys, *argv) -> str:
     """Runs mtllama-convert expecting exit code 2; returns its stderr."""
     with pytest.raises(SystemExit) as exit_:
-        cli.main([str(a) for a in argv])
+        convert_cli.main([str(a) for a in argv])
     assert exit_.value.code == 2
     return capsys.readouterr().err
 
@@ -42,7 +43,7 @@ def test_legacy_bin_converts_and_a_truncated_one_is_named(tmp_path, tokenizer_mo
     os.remove(os.path.join(hf, "model.safetensors"))
     legacy = os.path.join(hf, "pytorch_model.bin")
     torch.save(weights, legacy, _use_new_zipfile_serialization=False)  # torch < 1.6 format
-    cli.main(["hf-to-jax", "--hf", hf, "--out", str(tmp_path / "ckpt")])
+    convert_cli.main(["hf-to-jax", "--hf", hf, "--out", str(tmp_path / "ckpt")])
     assert os.path.isdir(tmp_path / "ckpt" / "params")
     with open(legacy, "r+b") as f:
         f.truncate(os.path.getsize(legacy) // 2)
@@ -67,13 +68,13 @@ def test_hf_to_jax_without_tokenizer_model_is_refused_unless_asked(
     os.remove(os.path.join(hf, "tokenizer.model"))
     err = convert_fails(capsys, "hf-to-jax", "--hf", hf, "--out", tmp_path / "ckpt")
     assert "has no tokenizer.model" in err and "--no-tokenizer" in err
-    cli.main(["hf-to-jax", "--hf", hf, "--out", str(tmp_path / "ckpt"), "--no-tokenizer"])
+    convert_cli.main(["hf-to-jax", "--hf", hf, "--out", str(tmp_path / "ckpt"), "--no-tokenizer"])
     assert "warning" in capsys.readouterr().err and os.path.isdir(tmp_path / "ckpt" / "params")
 
 
 def test_jax_to_hf_verifies_its_input_manifest_unless_no_check(tmp_path, tokenizer_model, capsys):
     hf = make_hf(tmp_path / "hf", tokenizer_model)
-    cli.main(["hf-to-jax", "--hf", hf, "--out", str(tmp_path / "ckpt")])
+    convert_cli.main(["hf-to-jax", "--hf", hf, "--out", str(tmp_path / "ckpt")])
     config = tmp_path / "ckpt" / "config.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), rms_norm_eps=1e-3)))
     err = convert_fails(
@@ -81,7 +82,7 @@ def test_jax_to_hf_verifies_its_input_manifest_unless_no_check(tmp_path, tokeniz
     )
     assert "does not match its manifest.json" in err and "config.json: sha256 differs" in err
     assert not (tmp_path / "back").exists()
-    cli.main(
+    convert_cli.main(
         [
             "jax-to-hf",
             "--ckpt",

@@ -21,9 +21,9 @@ import seqio
 from helpers import free_port, session_spm
 
 import mtllama_jax.tasks  # noqa: F401  (registers the P3 tasks)
-from mtllama_jax import cache as cache_job
-from mtllama_jax import data, vocab
+from mtllama_jax import data, training, vocab
 from mtllama_jax.data import build, cache, pipeline
+from mtllama_jax.main import cache as cache_job
 from mtllama_jax.tasks import p3
 
 TASKS = {"glue_mrpc_equivalent": 3.0, "glue_mrpc_paraphrase": 1.0, "glue_qqp_duplicate": 2.0}
@@ -278,7 +278,7 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
     """The tiny LLaMA trained from the cache (16 rows of 32 over the processes)."""
     import jax
 
-    from mtllama_jax import optim, partitioning, train
+    from mtllama_jax import optim, partitioning
     from mtllama_jax.models.llama.config import LlamaConfig
     from mtllama_jax.models.llama.model import LlamaForCausalLM
     from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods
@@ -292,7 +292,7 @@ def train_cached(model_dir, cache_dir, num_steps, workers=0):
         workers=workers,
     )
     schedule = optim.learning_rate_schedule(3e-3, STEPS, "cosine", warmup_steps=2)
-    return train.run(
+    return training.run(
         LlamaForCausalLM(LlamaConfig.tiny()),
         partitioning.Layout.create(1, -1, 1, "fsdp"),
         (optim.make_optimizer(schedule, weight_decay=0.1), schedule),

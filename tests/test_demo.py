@@ -3,10 +3,10 @@
 import json
 import os
 
+import gin
 import pytest
 
-import gin
-from mtllama_jax import demo
+from mtllama_jax.main import demo
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ def run_eval(*bindings):
         [
             sys.executable,
             "-m",
-            "mtllama_jax.eval",
+            "mtllama_jax.main.eval",
             "--gin_file=mesh/single.gin",
             "--gin_file=runs/eval.gin",
             *(f"--gin.{b}" for b in bindings),

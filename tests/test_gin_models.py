@@ -1,10 +1,10 @@
 """Every model preset parses with gin and has the published parameter count."""
 
+import gin
 import pytest
 
-import gin
-from mtllama_jax import launch
-from mtllama_jax.gin_configurables import GIN_DIR, model_config_from_gin
+from mtllama_jax.main import launch
+from mtllama_jax.main.gin_configurables import GIN_DIR, model_config_from_gin
 
 PUBLISHED_PARAMS = {
     "llama_7b": 6_738_415_616,

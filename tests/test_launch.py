@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from mtllama_jax import launch
+from mtllama_jax.main import launch
 
 LOGGERS = ("", "mtllama_jax", "absl", "tensorflow", "transformers", "jax", "orbax")
 

@@ -25,9 +25,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from mtllama_jax import lm_eval_cli
-from mtllama_jax.convert import cli
 from mtllama_jax.lm_eval_adapter import MtllamaLM
+from mtllama_jax.main import convert_cli, lm_eval_cli
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm_eval")
 WINDOW = 64
@@ -98,8 +97,8 @@ def build_folders(root):
             {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
         )
     )
-    cli.main(["hf-to-jax", "--hf", str(hf), "--out", str(root / "ckpt")])
-    cli.main(["jax-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "export")])
+    convert_cli.main(["hf-to-jax", "--hf", str(hf), "--out", str(root / "ckpt")])
+    convert_cli.main(["jax-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "export")])
 
     data = root / "data"
     data.mkdir()

@@ -30,8 +30,9 @@ from mtllama_jax import (
     optim,
     partitioning,
     run_lock,
-    train,
     train_state,
+    trainer,
+    training,
 )
 from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.models.llama.model import LlamaForCausalLM
@@ -42,10 +43,10 @@ ROWS, LENGTH = 2, 16
 
 
 def run_small(model_dir, batches=None, num_steps=3, **kw):
-    """train.run on one device, every step checkpointed unless told otherwise."""
+    """training.run on one device, every step checkpointed unless told otherwise."""
     schedule = optim.learning_rate_schedule(1e-3, num_steps, "constant")
     kw.setdefault("checkpointing", CheckpointPolicy(every_steps=1))
-    return train.run(
+    return training.run(
         LlamaForCausalLM(CONFIG),
         partitioning.Layout.one_device(),
         (optim.make_optimizer(schedule), schedule),
@@ -122,7 +123,7 @@ def _flip_a_byte(folder):
 def test_damaged_and_non_finite_steps_are_set_aside_and_the_run_resumes_before_them(
     tmp_path, capsys
 ):
-    trainer_ = train.trainer.Trainer(
+    trainer_ = trainer.Trainer(
         LlamaForCausalLM(CONFIG),
         partitioning.Layout.one_device(),
         optim.make_optimizer(optim.learning_rate_schedule(1e-3, 2, "constant")),
@@ -214,7 +215,7 @@ def test_too_many_skipped_steps_stop_the_run_and_are_counted(tmp_path, capsys):
     assert "3 steps in a row had a non-finite loss" in err
     assert f"{int(state.skipped)} of {int(state.step)} steps were skipped" in err
     assert checkpoints.TrainCheckpoints(str(tmp_path)).all_steps() == [int(state.step)]
-    limit = train.trainer.SkipLimit(None, 0.15)
+    limit = trainer.SkipLimit(None, 0.15)
     assert not any(limit.exceeded(i % 10 == 0) for i in range(30))  # 3 of 30: within 15%
     assert not limit.exceeded(True) and limit.exceeded(True)  # 4 of 31 is, 5 of 32 is not
 

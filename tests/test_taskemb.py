@@ -5,13 +5,13 @@ import os
 import stat
 import warnings
 
+import gin
 import jax
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
 
-import gin
 from mtllama_jax import (
     atomic,
     checkpoint_folder,
@@ -276,7 +276,7 @@ def test_bad_input_named_errors():
 
 
 def test_job_end_to_end_and_wrong_vocabulary_checkpoint(tmp_path):
-    from mtllama_jax import launch, taskemb_job
+    from mtllama_jax.main import launch, taskemb_job
 
     gin.clear_config()
 

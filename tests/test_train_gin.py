@@ -2,10 +2,10 @@
 
 import importlib.util
 
+import gin
 import pytest
 
-import gin
-from mtllama_jax import launch, train
+from mtllama_jax.main import launch, train, train_job
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_missing_gin_file_names_the_search_paths():
 
 def test_mtllama_7b_run_file_is_the_recipe():
     launch.parse_gin(["runs/mtllama_7b.gin", "mesh/fsdp.gin"], ["MODEL_DIR = '/tmp/m'"])
-    config = train.model_config_from_gin()
+    config = train_job.model_config_from_gin()
     assert (config.vocab_size, config.hidden_size, config.num_layers) == (32001, 4096, 32)
     q = gin.query_parameter
     assert q("%BATCH_SIZE") == 16 and q("%SEQUENCE_LENGTH") == 2048
@@ -70,7 +70,7 @@ def test_mesh_files_build_meshes(mesh_file):
     launch.parse_gin([f"mesh/{mesh_file}.gin"], [])
     if mesh_file == "single":
         gin.bind_parameter("mesh.data", 8)  # this test process has 8 CPU devices
-    layout = train.mesh()
+    layout = train_job.mesh()
     assert layout.mesh.devices.size == 8 and layout.rules
 
 
@@ -118,7 +118,7 @@ def test_a_missing_included_file_names_the_including_file(runs_folder_in_cwd):
 
 
 def test_option_groups_bind_by_class_name_and_name_the_field_at_fault():
-    from mtllama_jax.gin_configurables import options_from_gin
+    from mtllama_jax.main.gin_configurables import options_from_gin
     from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods, NonfinitePolicy
 
     launch.parse_gin(

@@ -3,10 +3,10 @@
 import json
 import os
 
+import gin
 import pytest
 from helpers import PARQUET_TASK, p3_rows, session_spm, write_parquet
 
-import gin
 import mtllama_jax.tasks  # noqa: F401
 from mtllama_jax import data, formats, vocab
 from mtllama_jax.tasks import mixing, p3, user_data

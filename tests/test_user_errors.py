@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from mtllama_jax import chat, checkpoint_folder, exits, train
+from mtllama_jax import checkpoint_folder, exits
+from mtllama_jax.main import chat, train, train_job
 from mtllama_jax.models.llama.config import LlamaConfig
 
 
@@ -105,7 +106,7 @@ def test_non_utf8_jsonl_names_file_and_line_and_an_empty_task_names_itself(tmp_p
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     name = user_data.register_user_task("empty_fixture", train_file=str(empty))
-    message = train._no_data_message(name, "train")  # a Task, not a Mixture
+    message = train_job._no_data_message(name, "train")  # a Task, not a Mixture
     assert f"'{name}' yielded no train examples" in message and "empty_fixture" in message
 
 
@@ -129,8 +130,8 @@ def test_eval_and_chat_skip_a_damaged_latest_step_and_name_a_damaged_requested_o
         f.truncate(10)  # a truncated copy of the latest step
     assert chat.main(["--checkpoint", folder, "--prompt", "hello", "--max_new_tokens", "2"]) == 0
     assert "checkpoint step 4 of" in capsys.readouterr().err
-    from mtllama_jax import eval as eval_job
     from mtllama_jax import partitioning
+    from mtllama_jax.main import eval as eval_job
 
     layout = partitioning.Layout.one_device()
     with pytest.raises(ValueError, match=r"step 4: files differ from .*manifest.json"):
@@ -163,7 +164,7 @@ def test_chat_with_a_closed_stdin_or_a_closed_stdout_exits_cleanly(model_dir, mo
 def test_eval_checks_its_output_folder_first_and_all_skipped_has_its_own_code(
     model_dir, tmp_path, capsys, monkeypatch
 ):
-    from mtllama_jax import eval as eval_job
+    from mtllama_jax.main import eval as eval_job
 
     (tmp_path / "file").write_text("")
     base = [

@@ -84,6 +84,7 @@ def test_a_jobs_checkpoint_tokenizer_is_passed_not_set_in_the_environment(spm_fi
     import os
 
     import gin
+
     from mtllama_jax import vocab
 
     monkeypatch.delenv(vocab.TOKENIZER_ENV, raising=False)

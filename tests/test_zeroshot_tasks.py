@@ -5,6 +5,7 @@ import logging
 import os
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import pyarrow as pa
@@ -12,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import session_spm
 
-import gin
 import mtllama_jax.tasks  # noqa: F401  registers the tasks
 from mtllama_jax import decoding, evaluation, formats, reports, task_metadata, vocab
 from mtllama_jax.models.llama.config import LlamaConfig

@@ -1,7 +1,7 @@
 """Builds the tokenized cache of a seqio task or mixture, task by task, in worker processes.
 
-Each worker (spawned, so TensorFlow starts clean in it) re-reads the job's gin
-configuration, runs one task's seqio pipeline unshuffled for one epoch (its own
+Each worker (spawned, so TensorFlow starts clean in it) takes the job's gin
+configuration (`configure_worker`), runs one task's seqio pipeline unshuffled for one epoch (its own
 source, wrapper and vocabulary, exactly what the uncached stream tokenises)
 and streams the tokens into the task's staging folder (`cache.TaskWriter`).
 A task already in the cache with the current fingerprint is skipped, so a
@@ -19,12 +19,11 @@ import os
 import queue
 import time
 import traceback
-from typing import Sequence
+from typing import Callable
 
 import numpy as np
 import seqio
 
-import gin
 from mtllama_jax.data import cache
 
 log = logging.getLogger(__name__)
@@ -128,50 +127,12 @@ def check_cache(cache_dir: str, name: str, split: str) -> list[tuple[str, float]
 # ---- building ----------------------------------------------------------------------------
 
 
-@gin.configurable("cache")
-def job_settings(
-    mixture_or_task_name: str = gin.REQUIRED,
-    out: str = gin.REQUIRED,
-    split: str = "train",
-    workers: int | None = None,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    verify: bool = False,
-    progress: bool = True,
-) -> dict:
-    """The `mtllama-cache` job's settings (gin `cache.*`); evaluating them registers the tasks.
-
-    Args:
-      mixture_or_task_name: a registered task or mixture (`mtllama_jax.tasks`), or a
-        gin reference that registers one (`@register_mixture()`).
-      out: the cache folder (`train.data_cache` reads it).
-      split: the split to cache.
-      workers: tokenising processes (one task each at a time); None: one per core.
-      shard_index / num_shards: this host's share of the tasks, for building on
-        several hosts at once into one shared folder.
-      verify: afterwards, recompute every cached file's sha256 against its task.json.
-      progress: show a progress bar with an ETA.
-    """
-    return dict(
-        mixture_or_task_name=mixture_or_task_name,
-        out=out,
-        split=split,
-        workers=workers,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        verify=verify,
-        progress=progress,
-    )
-
-
 def build(
     name: str,
     split: str,
     out: str,
     *,
-    gin_files: Sequence[str] = (),
-    gin_bindings: Sequence[str] = (),
-    gin_search_paths: Sequence[str] = (),
+    configure_worker: Callable[[], None] | None = None,
     workers: int | None = None,
     shard_index: int = 0,
     num_shards: int = 1,
@@ -179,8 +140,9 @@ def build(
 ) -> dict:
     """Caches every task of `name` (this host's share) not already cached and fresh.
 
-    Workers re-parse `gin_files` / `gin_bindings` (the job's own), so each task
-    is tokenised as the training job would. Returns the manifest.
+    Each spawned worker first calls `configure_worker` (picklable: the job's own
+    gin configuration and task registrations), so each task is tokenised as the
+    training job would. Returns the manifest.
     """
     tasks = [t for t, _ in mixture_tasks(name)]
     mine = sorted(tasks)[shard_index::num_shards]
@@ -193,16 +155,14 @@ def build(
             todo,
             split,
             out,
-            gin_files,
-            gin_bindings,
-            gin_search_paths,
+            configure_worker,
             workers or os.cpu_count() or 1,
             progress,
         )
     return cache.write_manifest(out, name, split, tasks)
 
 
-def _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths, workers, progress):
+def _run_workers(todo, split, out, configure_worker, workers, progress):
     from tqdm import tqdm
 
     totals = {t: _expected_examples(t, split) for t in todo}
@@ -216,7 +176,7 @@ def _run_workers(todo, split, out, gin_files, gin_bindings, gin_search_paths, wo
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         reports = manager.Queue()
-        initargs = (list(gin_files), list(gin_bindings), list(gin_search_paths), reports)
+        initargs = (configure_worker, reports)
         with ctx.Pool(min(workers, len(todo)), _init_worker, initargs) as pool:
             _wait(pool, todo, split, out, reports, bar)
 
@@ -255,16 +215,15 @@ def _expected_examples(task: str, split: str) -> int | None:
 _REPORTS = None
 
 
-def _init_worker(gin_files, gin_bindings, gin_search_paths, reports):
-    """Spawned worker: the job's gin configuration and task registrations."""
+def _init_worker(configure_worker, reports):
+    """Spawned worker: no GPU, the task registrations, then the job's configuration."""
     global _REPORTS
     _REPORTS = reports
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import mtllama_jax.tasks  # noqa: F401  registers the tasks
-    from mtllama_jax.launch import parse_gin
 
-    parse_gin(gin_files, gin_bindings, gin_search_paths)
-    job_settings()  # evaluates gin references such as @register_mixture(): registers tasks
+    if configure_worker is not None:
+        configure_worker()
 
 
 def _build_task(task_name: str, split: str, out: str) -> tuple[str, int, int]:

@@ -21,22 +21,21 @@ import statistics
 import sys
 from typing import Mapping, Sequence
 
+import gin
 import jax
 
-import gin
 from mtllama_jax import (
     atomic,
     decoding,
     evaluation,
     exits,
-    launch,
     metrics,
     models,
     reports,
-    train,
     trainer,
 )
-from mtllama_jax.gin_configurables import model_config_from_gin
+from mtllama_jax.main import launch, train_job
+from mtllama_jax.main.gin_configurables import model_config_from_gin
 
 HELD_OUT = {
     "synthetic_heldout_templates": "Unseen templates (of trained tasks)",
@@ -50,10 +49,10 @@ PROTOCOL_METRICS = [
 
 
 def initial_params(seed: int):
-    """The params `train.run` starts a fresh run from (same seed, same init)."""
+    """The params `training.run` starts a fresh run from (same seed, same init)."""
     model = models.build_module(model_config_from_gin())
-    layout = train.mesh()
-    step = trainer.Trainer(model, layout, train.optimizer(1)[0])
+    layout = train_job.mesh()
+    step = trainer.Trainer(model, layout, train_job.optimizer(1)[0])
     return model, layout, step.init_state(jax.random.key(seed)).params
 
 
@@ -178,7 +177,7 @@ def demo(
     )
     del params
     print("== multi-task training on synthetic_train", flush=True)
-    reason = train.train(model_dir=model_dir, seed=seed)
+    reason = train_job.train(model_dir=model_dir, seed=seed)
     if reason != "done":
         print(
             f"mtllama-demo: training ended early ({reason}); rerun `make demo` to continue",

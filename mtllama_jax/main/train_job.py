@@ -1,59 +1,31 @@
-"""`mtllama-train`: the gin-configured training job (T5X-style flags).
+"""The training job as gin configures it: `train`, `optimizer`, `zero_shot_hook`.
 
-    mtllama-train --gin_file=models/tiny.gin --gin_file=mesh/single.gin \\
-        --gin_file=runs/finetune.gin --gin.MODEL_DIR="'/tmp/run'" --gin.train.num_steps=100
-
-Flags: `--gin_file` (repeatable; looked up in `--gin_search_paths`, then in
-the package's `gin/` folder), `--gin.NAME=VALUE` (repeatable gin bindings),
-`--gin_search_paths` (comma-separated), and for several hosts either nothing
-(on a cluster `jax.distributed.initialize()` reads the environment:
-`--multihost`) or `--coordinator_address`, `--num_processes`, `--process_id`.
-
-Gin binds three configurables here, documented in their docstrings: `train`
-(what to run), `mesh` (device mesh and sharding rules) and `optimizer`; plus
-`LlamaConfig` (gin/models/*.gin) and the option groups of `train_options`
-(`LossOptions`, `NonfinitePolicy`, `CheckpointPolicy`, `LoopPeriods`). `run` is
-the same job with plain arguments and any batch source; tests and scripts call
-it without gin.
+`train()` builds the model (`LlamaConfig`), the layout (`mesh`), the option
+groups of `train_options`, the optimizer and the batches (seqio on the fly, or
+the tokenized cache named by `train.data_cache`), then calls
+`mtllama_jax.training.run`. `mtllama-train` runs it; `mtllama-demo` runs it
+between its two evaluations.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Sequence
 
-import flax.linen as nn
+import gin
 import jax
 import numpy as np
 
-import gin
-from mtllama_jax import (
-    checkpoints,
-    exits,
-    launch,
-    metrics,
-    models,
-    optim,
-    partitioning,
-    preemption,
-    run_lock,
-    trainer,
-)
+from mtllama_jax import models, optim, partitioning, training
 from mtllama_jax.env import gin_or_env
-from mtllama_jax.gin_configurables import (
+from mtllama_jax.main.gin_configurables import (
     check_argument_types,
     mesh,
     model_config_from_gin,
     options_from_gin,
 )
-from mtllama_jax.launch import parse_gin
-from mtllama_jax.models.llama.config import LlamaConfig
 from mtllama_jax.train_options import CheckpointPolicy, LoopPeriods, LossOptions, NonfinitePolicy
 
-Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 DATA_CACHE_ENV = "MTLLAMA_DATA_CACHE"
 
 
@@ -90,164 +62,6 @@ def optimizer(
         sched, weight_decay, b1, b2, eps, clip_norm, decay_embeddings=decay_embeddings
     )
     return tx, sched
-
-
-def run(
-    model: nn.Module,
-    layout: partitioning.Layout,
-    optimizer_and_schedule,
-    model_dir: str,
-    num_steps: int,
-    batches: Batches,
-    **kwargs,
-):
-    """Trains `model` (the flax module; its `.config` is the run's) to `num_steps` on
-    `layout`, resuming from MODEL_DIR's latest checkpoint if any.
-
-    `batches(start_step)` yields this process's rows for steps start_step, ...
-    When it returns an iterator with `orbax_save_args` (the cache's pipeline),
-    its position is saved with every checkpoint and restored on resume.
-    `task_names` (the batches' `task_ids` index them) turn on per-task loss,
-    summed per `task_groups` cluster as well.
-    A fresh run starts from `init_checkpoint` (a params-only folder) or from
-    random params drawn from `seed`. MODEL_DIR is locked for the run's life
-    (`run_lock`): a second run on it is refused. Keyword arguments as
-    `_run_locked`'s; the option groups are `train_options`'. Returns
-    (state, "done" | "preempted" | "nonfinite").
-    """
-    with run_lock.ModelDirLock(model_dir):
-        return _run_locked(
-            model, layout, optimizer_and_schedule, model_dir, num_steps, batches, **kwargs
-        )
-
-
-def _run_locked(
-    model: nn.Module,
-    layout: partitioning.Layout,
-    optimizer_and_schedule,
-    model_dir: str,
-    num_steps: int,
-    batches: Batches,
-    *,
-    seed: int = 0,
-    init_checkpoint: str | None = None,
-    microbatches: int = 1,
-    loss: LossOptions = LossOptions(),
-    nonfinite: NonfinitePolicy = NonfinitePolicy(),
-    checkpointing: CheckpointPolicy = CheckpointPolicy(),
-    periods: LoopPeriods = LoopPeriods(),
-    validation: Callable[[], Sequence[Mapping[str, np.ndarray]]] | None = None,
-    eval_hook=None,
-    sequence_length: int | None = None,
-    tokenizer_files: Sequence[str] = (),
-    gin_config: str | None = None,
-    progress: bool = True,
-    task_names: Sequence[str] = (),
-    task_groups: Mapping[str, str] | None = None,
-):
-    """`run` once MODEL_DIR is locked."""
-    config = model.config
-    tx, schedule = optimizer_and_schedule
-    checkpoints.check_model_dir(model_dir, config)
-    step_fn = trainer.Trainer(
-        model,
-        layout,
-        tx,
-        schedule=schedule,
-        microbatches=microbatches,
-        normalize=loss.normalization,
-        z_loss=loss.z_loss,
-        nonfinite=nonfinite.action,
-        num_tasks=len(task_names),
-    )
-    ckpt = checkpoints.TrainCheckpoints(model_dir, checkpointing)
-    state = ckpt.restore_latest(step_fn.abstract_restore_target())
-    latest = None if state is None else int(jax.device_get(state.step))
-    if state is None:
-        params = None
-        if init_checkpoint:
-            params = _load_init_params(init_checkpoint, config, step_fn.state_shardings.params)
-        state = step_fn.init_state(jax.random.key(seed), params)
-    _check_dtypes(state, step_fn.abstract_state)
-    start = int(jax.device_get(state.step))
-    checkpoints.write_model_dir_files(model_dir, config, tokenizer_files, gin_config)
-    source = batches(start)
-    if hasattr(source, "orbax_save_args"):
-        _attach_data_state(ckpt, latest, source)
-    writer = metrics.MetricsWriter(
-        model_dir,
-        total_steps=num_steps,
-        start_step=start,
-        config=config,
-        length=sequence_length,
-        progress=progress,
-        task_names=task_names,
-        task_groups=task_groups,
-    )
-    try:
-        with preemption.PreemptionWatch() as watch:
-            state, reason = trainer.train_loop(
-                step_fn,
-                state,
-                source,
-                num_steps,
-                checkpoints=ckpt,
-                writer=writer,
-                periods=periods,
-                validation=validation,
-                eval_hook=eval_hook,
-                stop_requested=watch.requested,
-                waiting=watch.waiting,
-                max_consecutive_skips=nonfinite.max_consecutive_skips,
-                max_skipped_fraction=nonfinite.max_skipped_fraction,
-            )
-    finally:
-        writer.close()
-        ckpt.close()
-        if hasattr(source, "close"):
-            source.close()
-    skipped = int(jax.device_get(state.skipped))
-    if skipped and jax.process_index() == 0:
-        print(
-            f"mtllama-train: {skipped} of {int(jax.device_get(state.step))} steps were "
-            "skipped for a non-finite loss or gradient",
-            file=sys.stderr,
-        )
-    return state, reason
-
-
-def _check_dtypes(state, abstract) -> None:
-    """Refuses a train state whose dtypes differ from the config's (exact resume needs them)."""
-    wrong = [
-        f"{jax.tree_util.keystr(p)}: {a.dtype}, expected {b.dtype}"
-        for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(abstract))
-        if a.dtype != b.dtype
-    ]
-    if wrong:
-        raise ValueError(
-            f"the train state's dtypes differ from LlamaConfig's: {wrong[:3]}; set "
-            "LlamaConfig.param_dtype to the checkpoint's, or convert it again"
-        )
-
-
-def _attach_data_state(ckpt, latest: int | None, source) -> None:
-    """Saves the data position with each step; restores it from the step resumed, if saved."""
-    ckpt.attach_data(source.orbax_save_args)
-    if latest is not None and not ckpt.restore_data(latest, source.orbax_restore_args()):
-        logging.getLogger(__name__).warning(
-            "checkpoint %d has no data state (written before it was saved): the data "
-            "pipeline seeks to step %d by packing every batch before it",
-            latest,
-            latest,
-        )
-
-
-def _load_init_params(path: str, config: LlamaConfig, shardings):
-    """Params of a converted (params-only) checkpoint folder, on this run's shardings."""
-    from mtllama_jax import checkpoint_folder
-
-    checkpoints.check_model_dir(path, config, role="INIT_CHECKPOINT")
-    return checkpoint_folder.load_params(path, shardings, dtype=config.param_dtype)
 
 
 @gin.configurable(denylist=["model", "layout"])
@@ -352,7 +166,7 @@ def train(
         def validation():
             return list(_take(stream(validation_split, 0), validation_batches))
 
-    _, reason = run(
+    _, reason = training.run(
         model,
         layout,
         optimizer(num_steps),
@@ -451,50 +265,3 @@ def _no_data_message(name: str, split: str) -> str:
 
 
 # ---- flags -------------------------------------------------------------------------------
-
-
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """The jobs' T5X-style flags (`launch.job_parser`) plus the multi-host ones."""
-    parser = launch.job_parser("mtllama-train", __doc__.split("\n")[0])
-    parser.add_argument(
-        "--multihost",
-        action="store_true",
-        help="jax.distributed.initialize() from the cluster environment",
-    )
-    parser.add_argument("--coordinator_address", help="host:port of process 0")
-    parser.add_argument("--num_processes", type=int)
-    parser.add_argument("--process_id", type=int)
-    return launch.parse_job_flags(parser, argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_flags(sys.argv[1:] if argv is None else argv)
-    if args.coordinator_address or args.multihost:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
-
-    def job():
-        parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
-        reason = train()
-        print(f"mtllama-train: {_ENDINGS[reason][1]}", file=sys.stderr)
-        return _ENDINGS[reason][0]
-
-    return exits.run_main("mtllama-train", job)
-
-
-# How a run ended: (exit code, message).
-_ENDINGS = {
-    "done": (exits.OK, "finished"),
-    "preempted": (
-        exits.PREEMPTED,
-        "stopped by a signal; the current step is saved, rerun to continue",
-    ),
-    "nonfinite": (
-        exits.NONFINITE,
-        "stopped on non-finite losses or gradients; the last good state is saved",
-    ),
-}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

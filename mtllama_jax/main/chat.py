@@ -22,7 +22,8 @@ from typing import Sequence
 
 import jax
 
-from mtllama_jax import decoding, exits, launch, partitioning
+from mtllama_jax import decoding, exits, partitioning
+from mtllama_jax.main import launch
 from mtllama_jax.models.llama.config import COMPUTE_DTYPES
 
 

@@ -28,22 +28,22 @@ import os
 import sys
 from typing import Sequence
 
+import gin
 import jax
 import numpy as np
 
-import gin
 from mtllama_jax import (
     atomic,
     checkpoint_folder,
     decoding,
     evaluation,
-    launch,
     models,
     partitioning,
     taskemb,
     taskemb_analysis,
 )
-from mtllama_jax.gin_configurables import mesh
+from mtllama_jax.main import launch
+from mtllama_jax.main.gin_configurables import mesh
 
 MODES = ("similarity", "prompts", "mixture")
 

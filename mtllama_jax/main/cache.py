@@ -15,12 +15,58 @@ wrapper or source files changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Sequence
 
-from mtllama_jax import launch
+import gin
+
+from mtllama_jax.main import launch
 
 SHORTHANDS = ("mixture_or_task_name", "split", "out")
+
+
+@gin.configurable("cache")
+def job_settings(
+    mixture_or_task_name: str = gin.REQUIRED,
+    out: str = gin.REQUIRED,
+    split: str = "train",
+    workers: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    verify: bool = False,
+    progress: bool = True,
+) -> dict:
+    """The `mtllama-cache` job's settings (gin `cache.*`); evaluating them registers the tasks.
+
+    Args:
+      mixture_or_task_name: a registered task or mixture (`mtllama_jax.tasks`), or a
+        gin reference that registers one (`@register_mixture()`).
+      out: the cache folder (`train.data_cache` reads it).
+      split: the split to cache.
+      workers: tokenising processes (one task each at a time); None: one per core.
+      shard_index / num_shards: this host's share of the tasks, for building on
+        several hosts at once into one shared folder.
+      verify: afterwards, recompute every cached file's sha256 against its task.json.
+      progress: show a progress bar with an ETA.
+    """
+    return dict(
+        mixture_or_task_name=mixture_or_task_name,
+        out=out,
+        split=split,
+        workers=workers,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        verify=verify,
+        progress=progress,
+    )
+
+
+def configure_worker(gin_files, gin_bindings, gin_search_paths) -> None:
+    """A spawned build worker's setup: this job's gin configuration, and `cache.*`
+    evaluated once, which registers a mixture that a gin reference names."""
+    launch.parse_gin(gin_files, gin_bindings, gin_search_paths)
+    job_settings()
 
 
 def cache(
@@ -32,15 +78,15 @@ def cache(
     from mtllama_jax.data import build
     from mtllama_jax.data import cache as cache_files
 
-    settings = build.job_settings()
+    settings = job_settings()
     verify = settings.pop("verify")
     manifest = build.build(
         settings.pop("mixture_or_task_name"),
         settings.pop("split"),
         settings.pop("out"),
-        gin_files=gin_files,
-        gin_bindings=gin_bindings,
-        gin_search_paths=gin_search_paths,
+        configure_worker=functools.partial(
+            configure_worker, list(gin_files), list(gin_bindings), list(gin_search_paths)
+        ),
         **settings,
     )
     if verify:
@@ -65,7 +111,6 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
-    from mtllama_jax.data.build import job_settings  # noqa: F401  registers `cache.*`
     from mtllama_jax.data.cache import CacheError
 
     try:

@@ -12,9 +12,9 @@ import types
 import typing
 from typing import Sequence
 
+import gin
 import jax
 
-import gin
 from mtllama_jax import partitioning, train_options
 from mtllama_jax.models.llama import config as model_config
 

@@ -22,8 +22,9 @@ import sys
 import ml_dtypes
 import numpy as np
 
-from mtllama_jax import exits, launch
+from mtllama_jax import exits
 from mtllama_jax.convert import delta, manifest, orbax_hf
+from mtllama_jax.main import launch
 
 DTYPES = {
     "float32": np.dtype(np.float32),

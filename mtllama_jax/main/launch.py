@@ -22,7 +22,8 @@ import warnings
 from typing import Sequence
 
 import gin
-from mtllama_jax.gin_configurables import GIN_DIR
+
+from mtllama_jax.main.gin_configurables import GIN_DIR
 
 # Loggers that set a level of their own, so the root logger's does not reach them.
 _OWN_LEVEL_LOGGERS = ("absl", "tensorflow", "transformers", "jax", "orbax")

@@ -23,11 +23,12 @@ import os
 import sys
 from typing import Sequence
 
+import gin
 import jax
 
-import gin
-from mtllama_jax import atomic, evaluation, exits, launch, reports
+from mtllama_jax import atomic, evaluation, exits, reports
 from mtllama_jax.checkpoint_folder import open_checkpoint
+from mtllama_jax.main import launch
 from mtllama_jax.models.llama.config import COMPUTE_DTYPES
 
 
@@ -73,7 +74,7 @@ def evaluate_checkpoint(
         config.json); results.json records the one used.
     """
     from mtllama_jax import checkpoint_folder
-    from mtllama_jax.gin_configurables import check_argument_types, mesh
+    from mtllama_jax.main.gin_configurables import check_argument_types, mesh
 
     check_argument_types("evaluate_checkpoint", evaluate_checkpoint, locals())
     if jax.process_index() == 0:  # before the evaluation, not after it
