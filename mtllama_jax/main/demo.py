@@ -35,7 +35,7 @@ from mtllama_jax import (
     trainer,
 )
 from mtllama_jax.main import launch, train_job
-from mtllama_jax.main.gin_configurables import model_config_from_gin
+from mtllama_jax.main.gin_configurables import mesh, model_config_from_gin
 
 HELD_OUT = {
     "synthetic_heldout_templates": "Unseen templates (of trained tasks)",
@@ -51,7 +51,7 @@ PROTOCOL_METRICS = [
 def initial_params(seed: int):
     """The params `training.run` starts a fresh run from (same seed, same init)."""
     model = models.build_module(model_config_from_gin())
-    layout = train_job.mesh()
+    layout = mesh()
     step = trainer.Trainer(model, layout, train_job.optimizer(1)[0])
     return model, layout, step.init_state(jax.random.key(seed)).params
 
