@@ -16,28 +16,16 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import helpers
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory):
     """A real SentencePiece model trained on a few sentences (vocab 64)."""
     folder = tmp_path_factory.mktemp("spm")
-    text = folder / "text.txt"
     words = "the cat sat on a mat while dogs ran far away from home in rain".split()
     rng = np.random.default_rng(0)
-    text.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=64,
-        model_type="bpe",
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        minloglevel=2,
-    )
-    return str(folder / "tokenizer.model")
+    lines = [" ".join(rng.choice(words, 8)) for _ in range(300)]
+    return helpers.train_bpe_spm(lines, folder / "tokenizer", 64)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,27 @@ def train_llama_spm(path, *, ids=(0, 1, 2), vocab_size=512) -> str:
     return str(path)
 
 
+def train_bpe_spm(lines, model_prefix, vocab_size: int, **options) -> str:
+    """A BPE SentencePiece model trained on `lines`, with LLaMA's ids (unk 0, bos 1,
+    eos 2, no pad); `options` are SentencePieceTrainer's. Returns the .model path."""
+    corpus = f"{model_prefix}.corpus.txt"
+    with open(corpus, "w") as f:
+        f.write("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        **options,
+    )
+    return f"{model_prefix}.model"
+
+
 def session_spm(tmp_path_factory) -> str:
     """One tokenizer.model per test session, shared by the data test modules."""
     path = tmp_path_factory.getbasetemp() / "llama_tokenizer.model"
@@ -265,23 +286,11 @@ def write_chat_model_dir(folder):
     lines = [
         " ".join(CHAT_WORDS[(i + j * j) % len(CHAT_WORDS)] for j in range(9)) for i in range(300)
     ]
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"),
-        model_prefix=str(folder / "sp"),
-        vocab_size=CHAT_CONFIG.vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    tokenizer = train_bpe_spm(lines, folder / "sp", CHAT_CONFIG.vocab_size, byte_fallback=True)
     variables = LlamaForCausalLM(CHAT_CONFIG).init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))
     params = nn.unbox(variables["params"])
     out = str(folder / "model")
-    checkpoints.write_model_dir_files(out, CHAT_CONFIG, [str(folder / "sp.model")])
+    checkpoints.write_model_dir_files(out, CHAT_CONFIG, [tokenizer])
     ckpt = checkpoints.TrainCheckpoints(out, CheckpointPolicy(async_save=False))
     ckpt.save(3, train_state.create(params, optax.sgd(0.1), jax.random.key(0)))
     ckpt.wait()

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise, convert, make_hf, read_all
+from helpers import assert_bitwise, convert, make_hf, read_all, train_bpe_spm
 from safetensors.numpy import save_file
 
 from mtllama_jax.convert import delta, manifest
@@ -218,23 +218,12 @@ def test_a_fastchat_02_delta_with_tokenizer_json_only_applies(tmp_path, base_and
 
 
 def test_a_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, base_and_target, capsys):
-    import sentencepiece as spm
 
     base, target = base_and_target
     convert("make-delta", "--base", base, "--target", target, "--out", tmp_path / "delta")
-    other = tmp_path / "other.txt"
-    other.write_text("\n".join(f"river stone cloud {i} lorem ipsum" for i in range(200)))
-    spm.SentencePieceTrainer.train(
-        input=str(other),
-        model_prefix=str(tmp_path / "other"),
-        vocab_size=64,
-        model_type="bpe",
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        minloglevel=2,
-    )
-    fastchat_02_tokenizer(tmp_path / "delta", tmp_path / "other.model")
+    lines = [f"river stone cloud {i} lorem ipsum" for i in range(200)]
+    other = train_bpe_spm(lines, tmp_path / "other", 64)
+    fastchat_02_tokenizer(tmp_path / "delta", other)
     with pytest.raises(SystemExit):
         convert(
             "apply-delta",

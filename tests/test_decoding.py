@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
+from helpers import train_bpe_spm
 
 from mtllama_jax import decoding, partitioning
 from mtllama_jax.models.llama.config import LlamaConfig
@@ -33,21 +34,8 @@ def sp(tmp_path_factory):
     folder = tmp_path_factory.mktemp("spm")
     words = ["alpha", "beta", "gamma", "delta", "lorem", "ipsum", "river", "stone", "cloud"]
     lines = [" ".join(words[(i * j) % len(words)] for j in range(1, 9)) for i in range(300)]
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(folder / "sp"),
-        vocab_size=CONFIG.vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    path = train_bpe_spm(lines, folder / "sp", CONFIG.vocab_size, byte_fallback=True)
+    return spm.SentencePieceProcessor(model_file=path)
 
 
 @jax.jit

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
 import seqio
 import tensorflow as tf
+from helpers import train_bpe_spm
 
 from mtllama_jax import decoding, evaluation, partitioning, task_metadata
 from mtllama_jax.models.llama.config import LlamaConfig
@@ -27,20 +27,9 @@ OTHERS = ["gamma delta", "lorem ipsum"]
 def vocab(tmp_path_factory):
     folder = tmp_path_factory.mktemp("spm")
     lines = [" ".join(WORDS[(i * j + j) % len(WORDS)] for j in range(1, 9)) for i in range(300)]
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=CONFIG.vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
+    return LlamaVocabulary(
+        train_bpe_spm(lines, folder / "tokenizer", CONFIG.vocab_size, byte_fallback=True)
     )
-    return LlamaVocabulary(str(folder / "tokenizer.model"))
 
 
 def _register(name, examples, vocab, missing=None, info=None):

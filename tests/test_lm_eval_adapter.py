@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 import transformers
 import yaml
+from helpers import train_bpe_spm
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -45,22 +45,15 @@ def folders(tmp_path_factory):
 def build_folders(root):
     """(checkpoint folder, its jax-to-hf export, the data folder with the tasks' JSONL)."""
     rng = np.random.default_rng(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sentence(rng, 9) + rng.choice([".", "?", ","]) for _ in range(400)))
+    lines = [sentence(rng, 9) + rng.choice([".", "?", ","]) for _ in range(400)]
     # As LLaMA's tokenizer.model: identity normalisation, spaces kept, byte fallback.
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(root / "tokenizer"),
-        vocab_size=320,
-        model_type="bpe",
+    train_bpe_spm(
+        lines,
+        root / "tokenizer",
+        320,
         byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        minloglevel=2,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(
