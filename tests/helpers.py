@@ -266,12 +266,18 @@ def write_parquet(folder, split, records, shards=1):
 
 # ---- a chat MODEL_DIR (chat and eval-error tests) ------------------------------------------
 
-CHAT_CONFIG = LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=384)
+
+def chat_config() -> LlamaConfig:
+    """The chat tests' tiny model (a function: `LlamaConfig.tiny` asks JAX for its backend,
+    which a two-process test must not start before `jax.distributed.initialize`)."""
+    return LlamaConfig.tiny(vocab_size=320, initializer_range=0.3, max_position_embeddings=384)
+
+
 CHAT_WORDS = ["hello", "world", "river", "stone", "cloud", "answer", "question", "human"]
 
 
 def write_chat_model_dir(folder):
-    """(MODEL_DIR, params): a training MODEL_DIR under `folder` with CHAT_CONFIG's params.
+    """(MODEL_DIR, params): a training MODEL_DIR under `folder` with `chat_config()`'s params.
 
     Random params saved at step 3, config.json and a tokenizer.model trained on CHAT_WORDS.
     """
@@ -286,11 +292,12 @@ def write_chat_model_dir(folder):
     lines = [
         " ".join(CHAT_WORDS[(i + j * j) % len(CHAT_WORDS)] for j in range(9)) for i in range(300)
     ]
-    tokenizer = train_bpe_spm(lines, folder / "sp", CHAT_CONFIG.vocab_size, byte_fallback=True)
-    variables = LlamaForCausalLM(CHAT_CONFIG).init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))
+    config = chat_config()
+    tokenizer = train_bpe_spm(lines, folder / "sp", config.vocab_size, byte_fallback=True)
+    variables = LlamaForCausalLM(config).init(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))
     params = nn.unbox(variables["params"])
     out = str(folder / "model")
-    checkpoints.write_model_dir_files(out, CHAT_CONFIG, [tokenizer])
+    checkpoints.write_model_dir_files(out, config, [tokenizer])
     ckpt = checkpoints.TrainCheckpoints(out, CheckpointPolicy(async_save=False))
     ckpt.save(3, train_state.create(params, optax.sgd(0.1), jax.random.key(0)))
     ckpt.wait()

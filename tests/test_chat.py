@@ -7,13 +7,15 @@ import sys
 
 import jax.numpy as jnp
 import pytest
-from helpers import CHAT_CONFIG
+from helpers import chat_config
 
 from mtllama_jax import decoding, models
 from mtllama_jax.formats import MTLLAMA_SYSTEM
 from mtllama_jax.main import chat
 from mtllama_jax.main.chat import Conversation
 from mtllama_jax.vocab import LlamaVocabulary
+
+CHAT_CONFIG = chat_config()
 
 
 def run_chat(*args, stdin=""):

@@ -21,7 +21,7 @@ from mtllama_jax.models.llama import config as model_config
 # The presets: models/ (architectures), mesh/ (mesh sizes), runs/ (what to run).
 # Entry points put this folder on gin's search path, so `--gin_file=runs/demo.gin`
 # works from any directory of a source checkout (installed with `pip install -e .`).
-GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin"
 
 LlamaConfig = gin.external_configurable(model_config.LlamaConfig, name="LlamaConfig")
 
