@@ -223,7 +223,7 @@ class TrainCheckpoints:
                 f"{folder} holds the data position of {saved[0].split('-of-')[-1][:-5]} "
                 f"processes; this run has {jax.process_count()}, and each process's rows "
                 f"depend on the count. Resume with {saved[0].split('-of-')[-1][:-5]} processes "
-                f"(the same train.batch_size), or train on in a new MODEL_DIR"
+                f"(the same global batch size), or train on in a new MODEL_DIR"
             )
         self.manager.restore(step, args=ocp.args.Composite(data=restore_args))
         return True

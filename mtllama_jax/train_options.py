@@ -1,4 +1,4 @@
-"""The training run's option groups: frozen dataclasses that `train.run` takes.
+"""The training run's option groups: frozen dataclasses that `training.run` takes.
 
 Entry points build them (gin binds their fields: `CheckpointPolicy.keep = 3`);
 each checks its own fields and names the one at fault.

@@ -130,7 +130,7 @@ class Trainer:
                 f"global batch of {global_rows} rows ({rows} per process x "
                 f"{jax.process_count()} processes) is not divisible by "
                 f"{self.layout.batch_shards} batch shards (mesh data x fsdp) x {self.microbatches} "
-                f"microbatches = {shards}; set train.batch_size to a multiple of {shards}"
+                f"microbatches = {shards}; make the global batch a multiple of {shards} rows"
             )
         return {
             k: jax.make_array_from_process_local_data(

@@ -168,7 +168,7 @@ def check_some_fit(
         f"{stats.length} tokens: {stats.dropped_empty_target} have an empty response, "
         f"{stats.dropped_too_long} are too long (truncate={truncate}); training would wait "
         f"forever. Check the task's response field (empty targets) or raise "
-        f"train.sequence_length / keep train truncation on (too long)."
+        f"the sequence length / keep truncation on (too long)."
     )
 
 

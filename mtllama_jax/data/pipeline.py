@@ -186,7 +186,7 @@ def check_tasks_fit(spec: PipelineSpec) -> None:
                 f"tokens: {info['empty_targets']} have an empty response, the others are "
                 f"too long (shortest {'response' if spec.truncate else 'example'}: "
                 f"{shortest} tokens, truncate={spec.truncate}). Fix the task's data, raise "
-                f"train.sequence_length, or leave the task out of the mixture"
+                f"the sequence length, or leave the task out of the mixture"
             )
 
 
