@@ -27,7 +27,6 @@ import jax
 
 from mtllama_jax import exits
 from mtllama_jax.main import launch
-from mtllama_jax.main.launch import parse_gin
 from mtllama_jax.main.train_job import train
 
 
@@ -52,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mtllama_jax.tasks  # noqa: F401  registers the tasks and their gin configurables
 
     def job():
-        parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
+        launch.parse_gin(args.gin_file, args.gin_bindings, args.search_paths)
         reason = train()
         print(f"mtllama-train: {_ENDINGS[reason][1]}", file=sys.stderr)
         return _ENDINGS[reason][0]
